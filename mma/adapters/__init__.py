@@ -1,0 +1,26 @@
+"""Adapter methods. Importing this package registers every built-in method."""
+
+from mma.adapters import lavin, none
+from mma.adapters.base import (
+    AdapterMethod,
+    AdapterModule,
+    adapter_parameter_names,
+    get_adapter,
+    register_adapter,
+    registered_adapters,
+    set_train_mode,
+    set_trainable_params,
+)
+
+__all__ = [
+    "AdapterMethod",
+    "AdapterModule",
+    "adapter_parameter_names",
+    "get_adapter",
+    "lavin",
+    "none",
+    "register_adapter",
+    "registered_adapters",
+    "set_train_mode",
+    "set_trainable_params",
+]

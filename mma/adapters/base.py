@@ -1,0 +1,97 @@
+"""The adapter protocol, the registry and the one function that decides what trains.
+
+An adapter is any module that names its own trainable parameters (``adapter_params``); trainability is found by
+walking the module tree, never by matching parameter names (after torchtune's ``AdapterModule``). A method
+registers a typed config and an attach function that wraps submodules of frozen backbones.
+"""
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from torch import nn
+
+from mma.errors import ConfigError
+
+
+@runtime_checkable
+class AdapterModule(Protocol):
+    """A module whose parameters listed by ``adapter_params`` (names relative to it) are trained."""
+
+    def adapter_params(self) -> list[str]: ...
+
+
+@dataclass(frozen=True)
+class AdapterMethod:
+    """A registered method: its name, its config dataclass and ``attach(model, config)``."""
+
+    name: str
+    config_cls: type
+    attach: Callable[[Any, Any], None]
+
+    def make_config(self, options: dict | None = None) -> Any:
+        """Typed config from a plain dict; an unknown key is an error that names it."""
+        options = dict(options or {})
+        known = {f.name for f in dataclasses.fields(self.config_cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(f"adapter {self.name!r} has no setting(s) {unknown}; known: {sorted(known)}")
+        return self.config_cls(**options)
+
+
+_REGISTRY: dict[str, AdapterMethod] = {}
+
+
+def register_adapter(name: str, config_cls: type) -> Callable:
+    """Decorator: ``@register_adapter("lavin", MMAConfig)`` on ``attach(model, config) -> None``."""
+
+    def decorator(attach: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
+        if name in _REGISTRY:
+            raise ValueError(f"adapter {name!r} is registered twice")
+        _REGISTRY[name] = AdapterMethod(name, config_cls, attach)
+        return attach
+
+    return decorator
+
+
+def get_adapter(name: str) -> AdapterMethod:
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown adapter {name!r}; registered adapters: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def registered_adapters() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def adapter_parameter_names(model: nn.Module) -> set[str]:
+    """Full names of every parameter that some ``AdapterModule`` in ``model`` declares trainable."""
+    names = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, AdapterModule):
+            names.update(f"{prefix}.{name}" if prefix else name for name in module.adapter_params())
+    return names
+
+
+def set_trainable_params(model: nn.Module) -> int:
+    """Freeze everything, then unfreeze exactly the adapter parameters. Returns the trainable count.
+
+    The single place in mma that touches ``requires_grad``.
+    """
+    trainable = adapter_parameter_names(model)
+    count = 0
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in trainable)
+        count += param.numel() if name in trainable else 0
+    return count
+
+
+def set_train_mode(model: nn.Module, mode: bool = True) -> None:
+    """Adapters follow ``mode``; frozen backbone modules stay in eval so their dropout never fires."""
+    for module in model.modules():
+        module.training = False
+    if mode:
+        for module in model.modules():
+            if isinstance(module, AdapterModule):
+                nn.Module.train(module, True)

@@ -1,0 +1,59 @@
+"""The ``mma`` command: LightningCLI's fit / validate / test / predict, plus ``params`` and ``demo``."""
+
+import logging
+import sys
+
+import lightning as L
+from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.cli import LightningCLI
+
+from mma.errors import MMAError
+from mma.module import MMAModule
+
+log = logging.getLogger("mma")
+
+
+class MMACLI(LightningCLI):
+    """Recipes are LightningCLI YAML files: ``model`` (MMAModule), ``data`` (any data module), ``trainer``."""
+
+    def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+        super().__init__(
+            MMAModule,
+            L.LightningDataModule,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={
+                "callbacks": [RichProgressBar(leave=True)],
+                "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
+            },
+            args=args,
+            run=run,
+        )
+
+
+def config_cli(config: str, overrides: list[str] | None = None) -> MMACLI:
+    """Parse and instantiate a recipe without running anything (model weights load later, in ``configure_model``)."""
+    return MMACLI(args=["--config", config, *(overrides or [])], run=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if argv[:1] == ["params"]:
+            from mma.commands.params import params_command
+
+            params_command(argv[1:])
+        elif argv[:1] == ["demo"]:
+            from mma.commands.demo import demo_command
+
+            demo_command(argv[1:])
+        else:
+            MMACLI(args=argv)
+    except MMAError as err:
+        print(f"mma: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Subcommands beyond LightningCLI's own."""

@@ -1,0 +1,7 @@
+"""Data: the built-in synthetic task, collation into the model's layout, prompt formats."""
+
+from mma.data.base import EpochSampler, MMADataModule
+from mma.data.collate import VLMCollator
+from mma.data.datamodule import SyntheticVQA, SyntheticVQADataModule
+
+__all__ = ["EpochSampler", "MMADataModule", "SyntheticVQA", "SyntheticVQADataModule", "VLMCollator"]

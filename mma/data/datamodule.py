@@ -1,0 +1,95 @@
+"""Lightning data module of the built-in synthetic task (``mma.data.synthetic``)."""
+
+from torch.utils.data import DataLoader, Dataset
+
+from mma.data.base import MMADataModule
+from mma.data.prompts import AnswerStyle, answer_text, question_prompt
+from mma.data.synthetic import IMAGE_TYPES, Problem, blank_like, make_problem
+
+# Stream offsets keep the splits disjoint for any sizes up to a million problems each.
+_SPLIT_OFFSET = {"train": 0, "val": 1_000_000, "test": 2_000_000}
+
+
+class SyntheticVQA(Dataset):
+    """``size`` problems of one split. Training samples carry the answer; evaluation samples carry every option
+    as a candidate answer so the model can score them."""
+
+    def __init__(
+        self,
+        split: str,
+        size: int,
+        seed: int,
+        image_size: int,
+        image_fraction: float,
+        answer_style: AnswerStyle,
+        blind: bool = False,
+    ) -> None:
+        self.split, self.size, self.seed = split, size, seed
+        self.image_size, self.image_fraction = image_size, image_fraction
+        self.answer_style, self.blind = answer_style, blind
+
+    def __len__(self) -> int:
+        return self.size
+
+    def problem(self, index: int) -> Problem:
+        problem = make_problem(self.seed, _SPLIT_OFFSET[self.split] + index, self.image_size, self.image_fraction)
+        return blank_like(problem) if self.blind else problem
+
+    def __getitem__(self, index: int) -> dict:
+        p = self.problem(index)
+        sample = {"prompt": question_prompt(p.question, p.choices), "image": p.image}
+        if self.split == "train":
+            return {**sample, "answer": answer_text(p.choices, p.answer, self.answer_style)}
+        groups = [p.category, "all"] if p.image is None else [p.category, "image", "all"]
+        candidates = [answer_text(p.choices, i, self.answer_style) for i in range(len(p.choices))]
+        return {**sample, "candidates": candidates, "target": p.answer, "groups": groups}
+
+
+class SyntheticVQADataModule(MMADataModule):
+    """Visual multiple-choice QA drawn on the fly: no files, deterministic by seed.
+
+    Args:
+        train_size: training problems per epoch.
+        val_size: validation problems.
+        test_size: test problems; the test also runs them over blank pictures (the blind control).
+        image_size: side of the drawn pictures in pixels.
+        image_fraction: share of image questions; the rest are text-only.
+        answer_style: ``text`` answers with the option's text, ``letter`` with its letter.
+        seed: seed of the problem streams.
+        batch_size: training batch size.
+        eval_batch_size: problems per evaluation batch (each expands to one row per option).
+        num_workers: DataLoader worker processes.
+    """
+
+    evaluation_groups = (*IMAGE_TYPES, "image", "text", "all")
+    test_names = ("test", "blind")
+
+    def __init__(
+        self,
+        train_size: int = 2000,
+        val_size: int = 150,
+        test_size: int = 300,
+        image_size: int = 64,
+        image_fraction: float = 0.75,
+        answer_style: AnswerStyle = "text",
+        seed: int = 0,
+        batch_size: int = 8,
+        eval_batch_size: int = 16,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(batch_size, eval_batch_size, num_workers, seed)
+        self.save_hyperparameters()
+
+    def _dataset(self, split: str, size: int, blind: bool = False) -> SyntheticVQA:
+        h = self.hparams
+        return SyntheticVQA(split, size, h.seed, h.image_size, h.image_fraction, h.answer_style, blind)
+
+    def train_dataloader(self) -> DataLoader:
+        return self.train_loader(self._dataset("train", self.hparams.train_size))
+
+    def val_dataloader(self) -> DataLoader:
+        return self.eval_loader(self._dataset("val", self.hparams.val_size))
+
+    def test_dataloader(self) -> list[DataLoader]:
+        size = self.hparams.test_size
+        return [self.eval_loader(self._dataset("test", size)), self.eval_loader(self._dataset("test", size, True))]

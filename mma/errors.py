@@ -1,0 +1,24 @@
+"""Errors a user can act on: each names the file, setting or sample at fault and what is wrong with it.
+
+The CLI prints these as one line instead of a stack trace; anything else is a bug and keeps its trace.
+"""
+
+
+class MMAError(Exception):
+    """Base class of user-facing errors."""
+
+
+class ConfigError(MMAError):
+    """A recipe or adapter setting is unknown or invalid."""
+
+
+class BackboneError(MMAError):
+    """A backbone path is missing, or a weights file is not what it claims to be."""
+
+
+class DataError(MMAError):
+    """A sample, image or data file cannot be used."""
+
+
+class TrainingDiverged(MMAError):
+    """The loss stopped being finite; the run stops before the bad step is applied or saved."""

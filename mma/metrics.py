@@ -1,0 +1,45 @@
+"""Accuracy per group of questions (question type, subject, grade, ...), synced across processes by torchmetrics."""
+
+from collections.abc import Sequence
+
+import torch
+from torchmetrics import Metric
+
+
+class GroupedAccuracy(Metric):
+    """Accuracy in each named group; a sample may belong to several groups (e.g. ``IMG`` and ``G1-6``).
+
+    ``update(correct, groups)``: correct (B,) bool, groups a list of B lists of group names. Names not declared at
+    construction are ignored, so a data set can tag more than a table shows.
+    """
+
+    full_state_update = False
+
+    def __init__(self, groups: Sequence[str]) -> None:
+        super().__init__()
+        self.groups = list(groups)
+        self._index = {name: i for i, name in enumerate(self.groups)}
+        self.add_state("correct", torch.zeros(len(self.groups), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", torch.zeros(len(self.groups), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, correct: torch.Tensor, groups: Sequence[Sequence[str]]) -> None:
+        for is_correct, names in zip(correct.tolist(), groups, strict=True):
+            for name in names:
+                if name in self._index:
+                    self.correct[self._index[name]] += int(is_correct)
+                    self.total[self._index[name]] += 1
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        """Group name -> accuracy in [0, 1]; NaN for a group with no samples."""
+        accuracy = self.correct.float() / self.total.float()
+        return {name: accuracy[i] for i, name in enumerate(self.groups)}
+
+
+def choose_options(scores: torch.Tensor, sample_index: torch.Tensor) -> torch.Tensor:
+    """Index of the best-scoring option of each sample.
+
+    scores (R,) and sample_index (R,) list every (sample, option) row, the options of a sample contiguous and
+    samples numbered 0..S-1 in order; returns (S,) option indices within each sample.
+    """
+    counts = torch.bincount(sample_index).tolist()
+    return torch.stack([options.argmax() for options in scores.split(counts)])

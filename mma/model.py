@@ -1,0 +1,243 @@
+"""The vision-language model: frozen ViT -> visual tokens -> trainable projector -> frozen LLM, adapters attached.
+
+Sequence layout (LaVIN), one row per sample, left-padded after the modality slot so that generation appends at
+the same index for every row::
+
+    [modality] [pad ...] [BOS] "Image: " [visual tokens] "\\n" prompt [answer EOS]
+    [modality] [pad ...] [BOS] "Image: N/A" "\\n" prompt [answer EOS]          (text-only: no ViT pass)
+
+The modality token is attended by no other position, so it changes nothing but the routers that read it.
+"""
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from timm.models import VisionTransformer
+from torch import nn
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from mma.adapters import set_train_mode
+from mma.adapters.lavin import cached_routing
+from mma.errors import ConfigError
+
+MODALITY_SLOT = -1  # input id placeholder for the modality token
+IMAGE_SLOT = -2  # input id placeholder for each visual token
+IGNORE_INDEX = -100
+
+
+@dataclass
+class VisualConfig:
+    """How images become LLM tokens.
+
+    Args:
+        tokens: ``cls`` takes the class token after every ``every``-th ViT block (LaVIN: 6 tokens from ViT-L/14);
+            ``patches`` takes every patch token of the last block.
+        every: block stride for ``cls``.
+        projector_hidden: hidden width of the ``Linear -> SiLU -> Linear`` projector (LaVIN: 128).
+    """
+
+    tokens: Literal["cls", "patches"] = "cls"
+    every: int = 4
+    projector_hidden: int = 128
+
+
+class Projector(nn.Module):
+    """ViT width -> hidden -> LLM width with SiLU; xavier weights, zero biases."""
+
+    def __init__(self, vit_dim: int, hidden: int, llm_dim: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(vit_dim, hidden), nn.SiLU(), nn.Linear(hidden, llm_dim))
+        for layer in (self.net[0], self.net[2]):
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def adapter_params(self) -> list[str]:
+        return [name for name, _ in self.named_parameters()]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.to(self.net[0].weight.dtype))
+
+
+class ModalityEmbedding(nn.Embedding):
+    """``Embedding(2, d)``: row 1 for samples with an image, row 0 for text-only samples."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(2, dim)
+
+    def adapter_params(self) -> list[str]:
+        return ["weight"]
+
+
+class VisionLanguageModel(nn.Module):
+    """Frozen backbones plus the trainable glue; adapters attach to ``llm`` and ``vit`` in place."""
+
+    def __init__(
+        self,
+        llm: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        vit: VisionTransformer,
+        visual: VisualConfig,
+    ) -> None:
+        super().__init__()
+        self.llm = llm
+        self.vit = vit
+        self.tokenizer = tokenizer
+        self.visual = visual
+        self.projector = Projector(vit.embed_dim, visual.projector_hidden, llm.config.hidden_size)
+        self.modality_embedding: ModalityEmbedding | None = None
+        self.projector.to(llm.device)
+        self._check_visual_config()
+
+    def _check_visual_config(self) -> None:
+        if self.visual.tokens == "cls" and self.vit.cls_token is None:
+            raise ConfigError("visual.tokens=cls needs a ViT with a class token")
+        if self.visual.tokens == "cls" and not 1 <= self.visual.every <= len(self.vit.blocks):
+            raise ConfigError(f"visual.every={self.visual.every} must be in 1..{len(self.vit.blocks)} (ViT depth)")
+
+    def enable_modality_token(self) -> None:
+        if self.modality_embedding is None:
+            self.modality_embedding = ModalityEmbedding(self.llm.config.hidden_size).to(self.llm.device)
+
+    @property
+    def num_visual_tokens(self) -> int:
+        if self.visual.tokens == "cls":
+            return len(self.vit.blocks) // self.visual.every
+        return self.vit.patch_embed.num_patches
+
+    def train(self, mode: bool = True) -> "VisionLanguageModel":
+        set_train_mode(self, mode)
+        return self
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(images, 3, H, W) -> (images, num_visual_tokens, llm_dim)."""
+        if self.visual.tokens == "cls":
+            every = self.visual.every
+            indices = list(range(every - 1, len(self.vit.blocks), every))
+            outputs = self.vit.forward_intermediates(
+                pixel_values,
+                indices=indices,
+                return_prefix_tokens=True,
+                output_fmt="NLC",
+                intermediates_only=True,
+                stop_early=True,
+            )
+            features = torch.stack([prefix[:, 0] for _, prefix in outputs], dim=1)  # (N, n_vis, vit_dim)
+        else:
+            features = self.vit.forward_features(pixel_values)[:, self.vit.num_prefix_tokens :]  # (N, P, vit_dim)
+        return self.projector(features)
+
+    def embed(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, has_image: torch.Tensor
+    ) -> torch.Tensor:
+        """Token embeddings with the visual tokens and the modality token written into their slots.
+
+        input_ids (B, T) holding IMAGE_SLOT / MODALITY_SLOT placeholders -> (B, T, d).
+        """
+        embeddings = self.llm.get_input_embeddings()(input_ids.clamp(min=0))
+        if pixel_values is not None and pixel_values.shape[0] > 0:
+            visual = self.encode_images(pixel_values).to(embeddings.dtype)  # (N_img, n_vis, d)
+            slots = (input_ids == IMAGE_SLOT).unsqueeze(-1)
+            embeddings = embeddings.masked_scatter(slots, visual)
+        if self.modality_embedding is not None:
+            modality = self.modality_embedding(has_image.long()).to(embeddings.dtype)  # (B, d)
+            is_slot = (input_ids == MODALITY_SLOT).unsqueeze(-1)
+            embeddings = torch.where(is_slot, modality[:, None], embeddings)
+        return embeddings
+
+    def attention_mask(self, valid: torch.Tensor, query_length: int | None = None) -> torch.Tensor:
+        """Boolean (B, 1, Q, K) mask, True where a query may attend a key.
+
+        Causal over valid keys; no query but the modality token itself sees key 0 when a modality token is in
+        use; a padding query sees only itself so no softmax row is empty. ``query_length`` Q < K builds the mask
+        of the last Q positions (decoding with a KV cache).
+        """
+        total = valid.shape[1]
+        query_length = query_length or total
+        q = torch.arange(total - query_length, total, device=valid.device)[:, None]
+        k = torch.arange(total, device=valid.device)[None, :]
+        allowed = (k <= q) & valid[:, None, :]  # (B, Q, K)
+        if self.modality_embedding is not None:
+            allowed = allowed & ((k != 0) | (q == 0))
+        allowed = allowed | (k == q)
+        return allowed[:, None]
+
+    def position_ids(self, valid: torch.Tensor) -> torch.Tensor:
+        """Positions count valid tokens only, so neither left padding nor the modality slot shifts them; the
+        modality token sees only itself, where rotary position has no effect. (B, T) -> (B, T)."""
+        counted = valid.clone()
+        if self.modality_embedding is not None:
+            counted[:, 0] = False
+        return (counted.long().cumsum(-1) - 1).clamp(min=0)
+
+    def hidden_states(self, batch: dict) -> torch.Tensor:
+        """Last-layer hidden states (B, T, d) of the full sequences in ``batch``."""
+        valid = batch["attention_mask"].bool()
+        embeddings = self.embed(batch["input_ids"], batch.get("pixel_values"), batch["has_image"])
+        out = self.llm.get_decoder()(
+            inputs_embeds=embeddings,
+            attention_mask=self.attention_mask(valid),
+            position_ids=self.position_ids(valid),
+            use_cache=False,
+        )
+        return out.last_hidden_state
+
+    def token_logprobs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probability of every labelled token and the sample each belongs to: (N,), (N,).
+
+        The LM head runs only on positions that predict a label: on a 135M model with a 49k vocabulary the head
+        over every position costs about as much as the rest of the forward pass.
+        """
+        hidden = self.hidden_states(batch)[:, :-1]  # (B, T-1, d) predicts tokens 1..T-1
+        targets = batch["labels"][:, 1:]
+        selected = targets != IGNORE_INDEX
+        logits = self.llm.get_output_embeddings()(hidden[selected]).float()  # (N, vocab)
+        logprobs = -F.cross_entropy(logits, targets[selected], reduction="none")
+        rows = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)
+        return logprobs, rows[selected]
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        """Mean cross-entropy over the answer tokens of the batch."""
+        logprobs, _ = self.token_logprobs(batch)
+        return -logprobs.mean()
+
+    def sequence_logprobs(self, batch: dict) -> torch.Tensor:
+        """Summed log-probability of each row's labelled tokens: (B,). Used to score answer options."""
+        logprobs, rows = self.token_logprobs(batch)
+        return torch.zeros(batch["labels"].shape[0], device=logprobs.device).index_add(0, rows, logprobs)
+
+    @torch.no_grad()
+    def generate(self, batch: dict, max_new_tokens: int = 32, use_cache: bool = True) -> list[list[int]]:
+        """Greedy decoding of the prompts in ``batch`` (left-padded, no labels). Returns new token ids per row.
+
+        With ``use_cache`` the prompt is run once and each step feeds one token; routing weights are computed
+        at prefill and reused. Without it every step re-runs the whole sequence (the reference for tests).
+        """
+        valid = batch["attention_mask"].bool()
+        embeddings = self.embed(batch["input_ids"], batch.get("pixel_values"), batch["has_image"])
+        eos = self.tokenizer.eos_token_id
+        finished = torch.zeros(valid.shape[0], dtype=torch.bool, device=valid.device)
+        cache = DynamicCache(config=self.llm.config) if use_cache else None
+        new_tokens, step_input, query_length = [], embeddings, None
+        with cached_routing(self.llm):
+            for _ in range(max_new_tokens):
+                out = self.llm(
+                    inputs_embeds=step_input,
+                    attention_mask=self.attention_mask(valid, query_length),
+                    position_ids=self.position_ids(valid)[:, -step_input.shape[1] :],
+                    past_key_values=cache,
+                    use_cache=use_cache,
+                    logits_to_keep=1,
+                )
+                token = out.logits[:, -1].argmax(-1).masked_fill(finished, eos)  # (B,)
+                new_tokens.append(token)
+                finished |= token == eos
+                if finished.all():
+                    break
+                token_embedding = self.llm.get_input_embeddings()(token)[:, None].to(embeddings.dtype)
+                valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)
+                embeddings = torch.cat([embeddings, token_embedding], dim=1)
+                step_input, query_length = (token_embedding, 1) if use_cache else (embeddings, None)
+        tokens = torch.stack(new_tokens, dim=1).tolist()
+        return [row[: row.index(eos)] if eos in row else row for row in tokens]

@@ -1,0 +1,195 @@
+"""The LightningModule: owns the model, trains only adapter parameters, evaluates by scoring answer options."""
+
+import math
+from dataclasses import asdict, dataclass
+from functools import partial
+
+import lightning as L
+import torch
+from timm.data import create_transform, resolve_data_config
+from timm.models.vision_transformer import Block
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    _CHECKPOINT_PREFIX,
+    CheckpointImpl,
+    apply_activation_checkpointing,
+    checkpoint_wrapper,
+)
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+from mma.build import ModelConfig, build_model
+from mma.data.collate import VLMCollator
+from mma.errors import ConfigError, TrainingDiverged
+from mma.metrics import GroupedAccuracy, choose_options
+from mma.model import VisionLanguageModel
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with per-step linear warmup then half-cycle cosine decay (LaVIN's schedule).
+
+    Args:
+        lr: peak learning rate.
+        weight_decay: decay of matrices; 1-D parameters (biases, norms, embeddings of size 1) get none.
+        betas: AdamW betas.
+        warmup_fraction: share of all optimizer steps spent warming up linearly from 0.
+        min_lr_ratio: final learning rate as a fraction of ``lr``.
+    """
+
+    lr: float = 1e-3
+    weight_decay: float = 0.02
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_fraction: float = 0.1
+    min_lr_ratio: float = 0.0
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Learning-rate multiplier at optimizer step ``step``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class MMAModule(L.LightningModule):
+    """Frozen backbones + one adapter method, trained on answer tokens.
+
+    Args:
+        model: backbones, visual tokens and the adapter method.
+        optimizer: AdamW and schedule settings.
+        max_length: longest token sequence; longer samples are cut at the end.
+        activation_checkpointing: recompute LLM and ViT block activations in backward to save memory.
+        max_new_tokens: generation length for ``predict``.
+    """
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        optimizer: OptimizerConfig | None = None,
+        max_length: int = 512,
+        activation_checkpointing: bool = False,
+        max_new_tokens: int = 32,
+    ) -> None:
+        super().__init__()
+        self.model_config = model
+        self.optimizer_config = optimizer or OptimizerConfig()
+        # Plain data only: Lightning reads checkpoints with ``weights_only=True``, which refuses pickled classes.
+        self.save_hyperparameters(
+            {
+                "model": asdict(self.model_config),
+                "optimizer": asdict(self.optimizer_config),
+                "max_length": max_length,
+                "activation_checkpointing": activation_checkpointing,
+                "max_new_tokens": max_new_tokens,
+            }
+        )
+        self.model: VisionLanguageModel | None = None
+        # Checkpoints hold only the trainable weights; ``on_load_checkpoint`` checks their keys exactly instead.
+        self.strict_loading = False
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.model = build_model(self.model_config)
+        if self.hparams.activation_checkpointing:
+            wrapper = partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+            apply_activation_checkpointing(
+                self.model, checkpoint_wrapper_fn=wrapper, check_fn=lambda m: isinstance(m, LlamaDecoderLayer | Block)
+            )
+
+    @property
+    def collator(self) -> VLMCollator:
+        self.configure_model()
+        vit = self.model.vit
+        return VLMCollator(
+            self.model.tokenizer,
+            transform=create_transform(
+                **resolve_data_config({"input_size": (3, *vit.patch_embed.img_size)}, model=vit)
+            ),
+            num_visual_tokens=self.model.num_visual_tokens,
+            modality_token=self.model.modality_embedding is not None,
+            max_length=self.hparams.max_length,
+        )
+
+    def setup(self, stage: str) -> None:
+        groups = getattr(self.trainer.datamodule, "evaluation_groups", ("all",))
+        names = getattr(self.trainer.datamodule, "test_names", ("test",))
+        self.val_accuracy = GroupedAccuracy(groups)
+        self.test_accuracy = torch.nn.ModuleList(GroupedAccuracy(groups) for _ in names)
+        self.test_names = names
+
+    def on_train_start(self) -> None:
+        # Lightning keeps the modes it finds; adapters must train (dropout on) while backbones stay in eval.
+        self.model.train()
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.model.loss(batch)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"loss became {loss.item()} at step {self.global_step} (batch {batch_idx}); the run stops here and "
+                "the last saved checkpoint is kept"
+            )
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def _score(self, batch: dict) -> torch.Tensor:
+        """(samples,) bool: the best-scoring option is the right one."""
+        scores = self.model.sequence_logprobs(batch).float().cpu()
+        chosen = choose_options(scores, batch["sample_index"].cpu())
+        return chosen == torch.tensor(batch["target"])
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.val_accuracy.update(self._score(batch), batch["groups"])
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict({f"val/{k}": v for k, v in self.val_accuracy.compute().items()}, prog_bar=False)
+        self.log("val/acc", self.val_accuracy.compute()["all"], prog_bar=True)
+        self.val_accuracy.reset()
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.test_accuracy[dataloader_idx].update(self._score(batch), batch["groups"])
+
+    def on_test_epoch_end(self) -> None:
+        for name, metric in zip(self.test_names, self.test_accuracy, strict=True):
+            self.log_dict({f"{name}/{k}": v for k, v in metric.compute().items()}, add_dataloader_idx=False)
+            metric.reset()
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[str]:
+        tokens = self.model.generate(batch, max_new_tokens=self.hparams.max_new_tokens)
+        return self.model.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+
+    def configure_optimizers(self) -> dict:
+        cfg = self.optimizer_config
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = max(1, round(cfg.warmup_fraction * total))
+        schedule = partial(warmup_cosine, warmup=warmup, total=total, min_ratio=cfg.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def trainable_state_keys(self) -> set[str]:
+        """State-dict names of the trainable parameters (activation-checkpoint wrappers leave no trace there)."""
+        return {name.replace(_CHECKPOINT_PREFIX, "") for name, p in self.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep only trainable weights: a few MB instead of the backbones' GB."""
+        keys = self.trainable_state_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
+        checkpoint["rng_state"] = torch.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Every trainable weight must be in the checkpoint and nothing else: a wrong recipe fails loudly."""
+        self.configure_model()
+        expected, found = self.trainable_state_keys(), set(checkpoint["state_dict"])
+        missing, unexpected = sorted(expected - found), sorted(found - expected)
+        if missing or unexpected:
+            raise ConfigError(
+                f"checkpoint does not match this model's adapters: missing {missing[:5]} ({len(missing)}), "
+                f"unexpected {unexpected[:5]} ({len(unexpected)})"
+            )
+        if "rng_state" in checkpoint:  # adapter dropout continues the uninterrupted run's random stream
+            torch.set_rng_state(checkpoint["rng_state"])

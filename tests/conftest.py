@@ -1,0 +1,70 @@
+"""Tiny random backbones (LLaMA: hidden 64, 2 layers; ViT: 32 px, 2 blocks) built from configs, CPU only."""
+
+import logging
+
+import pytest
+import torch
+from PIL import Image
+
+from mma.backbones import LLMSpec, ViTSpec
+from mma.build import ModelConfig, build_model
+from mma.data.collate import VLMCollator
+from mma.model import VisualConfig
+
+TINY_LLM = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=320,
+    max_position_embeddings=256,
+    initializer_range=0.1,
+)
+TINY_VIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2)
+
+logging.getLogger("mma").setLevel(logging.ERROR)
+
+
+def tiny_config(adapter: str = "lavin", **adapter_config) -> ModelConfig:
+    return ModelConfig(
+        llm=LLMSpec(config=TINY_LLM),
+        vit=ViTSpec(name="vit_tiny_patch16_224", overrides=TINY_VIT),
+        visual=VisualConfig(tokens="cls", every=1, projector_hidden=16),
+        adapter=adapter,
+        adapter_config=adapter_config,
+    )
+
+
+def tiny_model(adapter: str = "lavin", seed: int = 0, **adapter_config):
+    torch.manual_seed(seed)
+    return build_model(tiny_config(adapter, **adapter_config))
+
+
+def collator_for(model, max_length: int = 128) -> VLMCollator:
+    return VLMCollator(
+        model.tokenizer,
+        transform=None,
+        num_visual_tokens=model.num_visual_tokens,
+        modality_token=model.modality_embedding is not None,
+        max_length=max_length,
+    )
+
+
+def image(seed: int) -> torch.Tensor:
+    return torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def samples() -> list[dict]:
+    """Two image samples and one text-only sample of different lengths."""
+    return [
+        {"prompt": "What colour is it?", "answer": "red", "image": image(0)},
+        {"prompt": "Which is a fruit? (A) car (B) pear", "answer": "pear", "image": None},
+        {"prompt": "Count them.", "answer": "three", "image": image(1)},
+    ]
+
+
+@pytest.fixture
+def blank_image() -> Image.Image:
+    return Image.new("RGB", (32, 32))

@@ -1,0 +1,74 @@
+"""Every registered adapter through the same invariants (timm-style: one parametrised test per property)."""
+
+import pytest
+import torch
+from conftest import collator_for, tiny_model
+
+from mma.adapters import adapter_parameter_names, get_adapter, registered_adapters
+from mma.errors import ConfigError
+
+ADAPTERS = registered_adapters()
+
+
+def _perturb(model, seed: int = 1) -> None:
+    """Move trainable weights off their zero init so every path carries signal."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=generator))
+
+
+@pytest.mark.parametrize("name", ADAPTERS)
+def test_identity_at_init(name, samples):
+    """The adapted model scores answers exactly as the projector-only model on the same backbones does."""
+    base, adapted = tiny_model("none", seed=0), tiny_model(name, seed=0)
+    base_logprobs, _ = base.token_logprobs(collator_for(base)(samples))
+    adapted_logprobs, _ = adapted.token_logprobs(collator_for(adapted)(samples))
+    torch.testing.assert_close(adapted_logprobs, base_logprobs, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ADAPTERS)
+def test_gradients_reach_only_and_all_adapter_parameters(name, samples):
+    model = tiny_model(name)
+    _perturb(model)
+    model.train()
+    model.loss(collator_for(model)(samples)).backward()
+    trainable = adapter_parameter_names(model)
+    for param_name, p in model.named_parameters():
+        if param_name in trainable:
+            assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, param_name
+        else:
+            assert not p.requires_grad and p.grad is None, param_name
+
+
+@pytest.mark.parametrize("name", ADAPTERS)
+def test_backbones_stay_in_eval_while_adapters_train(name):
+    model = tiny_model(name).train()
+    trainable_modules = {n.rsplit(".", 1)[0] for n in adapter_parameter_names(model)}
+    for module_name, module in model.named_modules():
+        if module_name in trainable_modules:
+            assert module.training, module_name
+    assert not model.llm.model.layers[0].self_attn.training
+    assert not model.vit.blocks[0].attn.training
+
+
+@pytest.mark.parametrize("name", ADAPTERS)
+def test_state_dict_keys_are_stable(name):
+    """Two builds give the same keys, and every backbone weight is still there under a predictable name."""
+    first, second = tiny_model(name, seed=0), tiny_model(name, seed=1)
+    assert list(first.state_dict()) == list(second.state_dict())
+    backbone_keys = set(tiny_model("none").state_dict())
+    adapted_keys = {
+        k.replace("input_layernorm.norm.", "input_layernorm.").replace("norm1.norm.", "norm1.")
+        for k in first.state_dict()
+    }
+    assert backbone_keys <= adapted_keys
+    assert adapted_keys - backbone_keys == {k for k in adapted_keys if ".adapter." in k or "modality" in k}
+
+
+def test_unknown_adapter_and_setting_are_named():
+    with pytest.raises(ConfigError, match="unknown adapter 'lavinn'; registered adapters: lavin, none"):
+        get_adapter("lavinn")
+    with pytest.raises(ConfigError, match=r"adapter 'lavin' has no setting\(s\) \['rank'\]"):
+        get_adapter("lavin").make_config({"rank": 4})

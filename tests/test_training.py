@@ -1,0 +1,180 @@
+"""The Lightning module on tiny backbones: it learns, touches only adapters, resumes exactly, stops on NaN."""
+
+import lightning as L
+import pytest
+import torch
+from conftest import tiny_config
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from mma.data import SyntheticVQADataModule
+from mma.errors import TrainingDiverged
+from mma.module import MMAModule, OptimizerConfig
+
+
+def _run(
+    tmp_path,
+    max_steps: int,
+    seed: int = 0,
+    ckpt_path=None,
+    callbacks=(),
+    train_size: int = 16,
+    lr: float = 1e-2,
+    **trainer_kwargs,
+) -> MMAModule:
+    L.seed_everything(seed, verbose=False)
+    module = MMAModule(tiny_config(), OptimizerConfig(lr=lr, warmup_fraction=0.2), max_length=192)
+    data = SyntheticVQADataModule(
+        train_size=train_size, val_size=4, test_size=4, image_size=32, batch_size=4, eval_batch_size=4
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=list(callbacks),
+        **trainer_kwargs,
+    )
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    return module
+
+
+def _trainable(module: MMAModule) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.named_parameters() if v.requires_grad}
+
+
+def _every_step(tmp_path) -> ModelCheckpoint:
+    return ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1, save_last=True, filename="{step}")
+
+
+class _LossLog(Callback):
+    def __init__(self) -> None:
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def test_loss_goes_down_and_only_adapters_change(tmp_path):
+    L.seed_everything(0, verbose=False)
+    reference = MMAModule(tiny_config(), max_length=192)
+    reference.configure_model()
+    before = {k: v.clone() for k, v in reference.state_dict().items()}
+    log = _LossLog()
+    module = _run(tmp_path, max_steps=40, train_size=8, callbacks=[log], enable_checkpointing=False, lr=3e-2)
+    after = module.state_dict()
+    trainable = set(_trainable(module))
+    for key, value in before.items():
+        if key in trainable:
+            assert not torch.equal(after[key], value), f"{key} did not train"
+        else:
+            assert torch.equal(after[key], value), f"frozen {key} changed"
+    first, last = sum(log.losses[:4]) / 4, sum(log.losses[-4:]) / 4
+    assert last < 0.75 * first, log.losses
+
+
+def test_checkpoint_holds_only_trainable_weights(tmp_path):
+    module = _run(tmp_path, max_steps=2, callbacks=[_every_step(tmp_path)])
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert set(checkpoint["state_dict"]) == set(_trainable(module))
+    assert "optimizer_states" in checkpoint and "rng_state" in checkpoint
+
+
+def test_same_seed_gives_bit_identical_adapters(tmp_path):
+    first = _trainable(_run(tmp_path / "a", max_steps=5, enable_checkpointing=False))
+    second = _trainable(_run(tmp_path / "b", max_steps=5, enable_checkpointing=False))
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+
+
+class _Killed(Exception):
+    pass
+
+
+class _KillAt(Callback):
+    """Dies like a killed process right after ``step`` optimizer steps (and their checkpoint)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise _Killed
+
+
+def test_killed_and_resumed_run_continues_exactly(tmp_path):
+    """Stopped mid-epoch at step 3 of 4-step epochs, then resumed to step 7: same weights as a straight run."""
+    straight = _trainable(_run(tmp_path / "straight", max_steps=7, enable_checkpointing=False))
+    with pytest.raises(_Killed):
+        _run(tmp_path / "killed", max_steps=7, callbacks=[_every_step(tmp_path / "killed"), _KillAt(3)])
+    resumed_module = _run(
+        tmp_path / "resumed", max_steps=7, ckpt_path=tmp_path / "killed" / "step=3.ckpt", enable_checkpointing=False
+    )
+    assert resumed_module.global_step == 7
+    resumed = _trainable(resumed_module)
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+
+class _PoisonAfter(Callback):
+    """Turns one adapter weight into NaN after ``step`` optimizer steps."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                module.model.projector.net[0].weight.fill_(float("nan"))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    with pytest.raises(TrainingDiverged, match="loss became nan at step 2"):
+        _run(tmp_path, max_steps=6, callbacks=[_every_step(tmp_path), _PoisonAfter(2)])
+    last = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
+    assert not (tmp_path / "step=3.ckpt").exists()
+
+
+def test_bf16_mixed_and_activation_checkpointing_train(tmp_path):
+    log = _LossLog()
+    L.seed_everything(0, verbose=False)
+    module = MMAModule(tiny_config(), OptimizerConfig(lr=1e-2), max_length=192, activation_checkpointing=True)
+    data = SyntheticVQADataModule(train_size=8, image_size=32, batch_size=4)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        precision="bf16-mixed",
+        max_steps=4,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        callbacks=[log],
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, datamodule=data)
+    assert len(log.losses) == 4 and all(torch.isfinite(torch.tensor(log.losses)))
+
+
+def test_activation_checkpointing_gives_the_same_gradients(samples):
+    from conftest import collator_for
+
+    grads = []
+    for checkpointing in (False, True):
+        L.seed_everything(0, verbose=False)
+        module = MMAModule(tiny_config(dropout=0.0), activation_checkpointing=checkpointing)
+        module.configure_model()
+        with torch.no_grad():
+            for p in module.parameters():
+                if p.requires_grad:
+                    p.add_(0.05)
+        module.model.train()
+        module.model.loss(collator_for(module.model)(samples)).backward()
+        grads.append([p.grad.clone() for p in module.parameters() if p.requires_grad])
+    for plain, checkpointed in zip(*grads, strict=True):
+        torch.testing.assert_close(checkpointed, plain)

@@ -208,8 +208,11 @@ class VisionLanguageModel(nn.Module):
         return torch.zeros(batch["labels"].shape[0], device=logprobs.device).index_add(0, rows, logprobs)
 
     @torch.no_grad()
-    def generate(self, batch: dict, max_new_tokens: int = 32, use_cache: bool = True) -> list[list[int]]:
-        """Greedy decoding of the prompts in ``batch`` (left-padded, no labels). Returns new token ids per row.
+    def generate(
+        self, batch: dict, max_new_tokens: int = 32, use_cache: bool = True, stop_at_eos: bool = True
+    ) -> list[list[int]]:
+        """Greedy decoding of the prompts in ``batch`` (left-padded, no labels). Returns new token ids per row,
+        cut at the first EOS (``stop_at_eos=False`` always decodes ``max_new_tokens`` steps, for benchmarks).
 
         With ``use_cache`` the prompt is run once and each step feeds one token; routing weights are computed
         at prefill and reused. Without it every step re-runs the whole sequence (the reference for tests).
@@ -232,7 +235,7 @@ class VisionLanguageModel(nn.Module):
                 )
                 token = out.logits[:, -1].argmax(-1).masked_fill(finished, eos)  # (B,)
                 new_tokens.append(token)
-                finished |= token == eos
+                finished |= (token == eos) & stop_at_eos
                 if finished.all():
                     break
                 token_embedding = self.llm.get_input_embeddings()(token)[:, None].to(embeddings.dtype)
@@ -240,4 +243,4 @@ class VisionLanguageModel(nn.Module):
                 embeddings = torch.cat([embeddings, token_embedding], dim=1)
                 step_input, query_length = (token_embedding, 1) if use_cache else (embeddings, None)
         tokens = torch.stack(new_tokens, dim=1).tolist()
-        return [row[: row.index(eos)] if eos in row else row for row in tokens]
+        return [row[: row.index(eos)] if stop_at_eos and eos in row else row for row in tokens]

@@ -3,15 +3,17 @@ import torch
 from conftest import collator_for, image, tiny_model
 from test_adapters import _perturb
 
-from mma.adapters.lavin import MMAConfig, RouterAdapter, cached_routing
+from mma.adapters.lavin import MMAConfig, RouterAdapter
 from mma.model import MODALITY_SLOT
 
 
-def _llm_routing(model, batch) -> torch.Tensor:
-    """Layer-0 routing weights of every sample: (B, 2)."""
-    with cached_routing(model.llm):
-        model.token_logprobs(batch)
-        return model.llm.model.layers[0].input_layernorm.adapter._cached_weights.clone()
+def _routing(adapter: RouterAdapter, run) -> torch.Tensor:
+    """Routing weights (B, 2) that ``adapter`` computes on the input it receives during ``run()``."""
+    inputs = []
+    handle = adapter.register_forward_hook(lambda module, args, output: inputs.append(args[0]))
+    run()
+    handle.remove()
+    return adapter.routing_weights(inputs[0])
 
 
 @pytest.mark.parametrize("dim", [4096, 5120, 1024])
@@ -41,6 +43,7 @@ def test_router_output_hand_computed():
     x = torch.randn(2, 3, 8)
     h = adapter.down(x)
     w = torch.softmax(adapter.router(x[:, 0]) / 5.0, dim=-1)
+    torch.testing.assert_close(adapter.routing_weights(x), w)
     expected = x + 0.5 * (w[:, None, :1] * adapter.up[0](h) + w[:, None, 1:] * adapter.up[1](h))
     torch.testing.assert_close(adapter(x), expected)
 
@@ -74,7 +77,7 @@ def test_routing_differs_by_modality_and_only_by_modality():
             {"prompt": "Other words here.", "answer": "a dog", "image": image(1)},
         ]
     )
-    routing = _llm_routing(model, batch)
+    routing = _routing(model.llm.model.layers[0].input_layernorm.adapter, lambda: model.token_logprobs(batch))
     assert not torch.allclose(routing[0], routing[1])
     torch.testing.assert_close(routing[0], routing[2])  # same modality, same routing, whatever the content
 
@@ -85,9 +88,7 @@ def test_vit_routing_is_per_image():
     model = tiny_model("lavin")
     _perturb(model)
     adapter = model.vit.blocks[1].norm1.adapter
-    with cached_routing(model.vit):
-        model.encode_images(torch.stack([image(0), image(1)]))
-        weights = adapter._cached_weights
+    weights = _routing(adapter, lambda: model.encode_images(torch.stack([image(0), image(1)])))
     assert not torch.allclose(weights[0], weights[1])
 
 

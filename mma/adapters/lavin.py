@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mma.adapters.base import register_adapter
@@ -59,7 +60,7 @@ class RouterAdapter(nn.Module):
         self.temperature = config.temperature
         self.scale = config.scale
         self.cache_routing = False
-        self._cached_weights: torch.Tensor | None = None
+        self._cached_up: torch.Tensor | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -74,34 +75,48 @@ class RouterAdapter(nn.Module):
 
     def routing_weights(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, tokens, dim) -> (batch, experts), from each sample's token 0."""
-        if self.cache_routing and self._cached_weights is not None:
-            return self._cached_weights
-        weights = torch.softmax(self.router(x[:, 0]) / self.temperature, dim=-1)
+        if self.router is None:
+            return x.new_ones(x.shape[0], 1)
+        logits = F.linear(x[:, 0], self.router.weight.to(x.dtype), self.router.bias.to(x.dtype))
+        return torch.softmax(logits.float() / self.temperature, dim=-1).to(x.dtype)
+
+    def sample_up_projection(self, x: torch.Tensor) -> torch.Tensor:
+        """Each sample's routed up-projection, ``(batch, hidden + 1, dim)``: row i < hidden maps hidden unit i,
+        the last row is the bias; routing weights and scale are folded in. Cached while ``cache_routing`` is on.
+
+        ``sum_e w_e * up_e(h)`` is linear in the experts' weights, so mixing a few small matrices per sample
+        replaces mixing full-width outputs per token.
+        """
+        if self.cache_routing and self._cached_up is not None:
+            return self._cached_up
+        experts = torch.stack(
+            [  # (E, hidden + 1, dim): each grouped weight as a block-diagonal matrix, then bias
+                torch.cat([torch.block_diag(*up.weight.chunk(up.groups, dim=0)).T, up.bias[None]]) for up in self.up
+            ]
+        ).to(x.dtype)
+        up = self.scale * torch.einsum("be,erd->brd", self.routing_weights(x), experts)
         if self.cache_routing:
-            self._cached_weights = weights
-        return weights
+            self._cached_up = up
+        return up
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.dropout(self.down(x.to(self.down.weight.dtype)))  # (B, T, hidden)
-        if self.router is None:
-            delta = self.up[0](h)
-        else:
-            w = self.routing_weights(x.to(self.router.weight.dtype))  # (B, 2)
-            delta = w[:, None, 0:1] * self.up[0](h) + w[:, None, 1:2] * self.up[1](h)
-        return x + (self.scale * delta).to(x.dtype)
+        # Work in the activations' dtype: casting the tiny adapter weights is free, casting x is a full pass.
+        h = self.dropout(F.linear(x, self.down.weight.to(x.dtype), self.down.bias.to(x.dtype)))  # (B, T, hidden)
+        h = torch.cat([h, h.new_ones(*h.shape[:-1], 1)], dim=-1)  # (B, T, hidden + 1): the ones pick up the bias
+        return torch.baddbmm(x, h, self.sample_up_projection(x))  # x + h @ up, one pass over x
 
 
 @contextmanager
 def cached_routing(model: nn.Module):
-    """Compute routing weights once (at prefill) and reuse them until the block exits."""
+    """Route once (at prefill) and reuse each sample's routed projection until the block exits."""
     adapters = [m for m in model.modules() if isinstance(m, RouterAdapter)]
     for adapter in adapters:
-        adapter.cache_routing, adapter._cached_weights = True, None
+        adapter.cache_routing, adapter._cached_up = True, None
     try:
         yield
     finally:
         for adapter in adapters:
-            adapter.cache_routing, adapter._cached_weights = False, None
+            adapter.cache_routing, adapter._cached_up = False, None
 
 
 @register_adapter("lavin", MMAConfig)

@@ -2,11 +2,13 @@
 
 import logging
 import sys
+import warnings
 
 import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
+from mma.callbacks import PredictionWriter
 from mma.errors import MMAError
 from mma.module import MMAModule
 
@@ -23,7 +25,7 @@ class MMACLI(LightningCLI):
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
             trainer_defaults={
-                "callbacks": [RichProgressBar(leave=True)],
+                "callbacks": [RichProgressBar(leave=True), PredictionWriter()],
                 "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
             },
             args=args,
@@ -39,6 +41,8 @@ def config_cli(config: str, overrides: list[str] | None = None) -> MMACLI:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Frozen backbones stay in eval mode on purpose; Lightning warns about that at every fit.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     try:
         if argv[:1] == ["params"]:
             from mma.commands.params import params_command

@@ -153,9 +153,12 @@ class MMAModule(L.LightningModule):
             self.log_dict({f"{name}/{k}": v for k, v in metric.compute().items()}, add_dataloader_idx=False)
             metric.reset()
 
-    def predict_step(self, batch: dict, batch_idx: int) -> list[str]:
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        """Greedy answers, one dict per sample with the generated text and the sample's own fields."""
         tokens = self.model.generate(batch, max_new_tokens=self.hparams.max_new_tokens)
-        return self.model.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        texts = self.model.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        passthrough = {k: v for k, v in batch.items() if isinstance(v, list)}
+        return [{**{k: v[i] for k, v in passthrough.items()}, "generated": text} for i, text in enumerate(texts)]
 
     def configure_optimizers(self) -> dict:
         cfg = self.optimizer_config

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from mma.build import build_model
+from mma.adapters import get_adapter, registered_adapters
+from mma.build import build_model, load_preset
 from mma.cli import config_cli, main
 from mma.commands.params import count_parameters
+from mma.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
@@ -56,3 +58,18 @@ def test_missing_backbone_path_fails_before_training(tmp_path):
     assert result.returncode == 2
     assert f"mma: error: LLM path '{tmp_path / 'missing'}' does not exist" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+PRESETS = sorted((ROOT / "adapters").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
+def test_every_adapter_preset_is_valid_for_its_method(preset):
+    """A preset is named ``<adapter>[-variant].yaml``; its settings must all be known to that adapter."""
+    name = max((n for n in registered_adapters() if preset.stem.startswith(n)), key=len)
+    get_adapter(name).make_config(load_preset(str(preset)))
+
+
+def test_missing_preset_is_named():
+    with pytest.raises(ConfigError, match="adapter preset 'adapters/nope.yaml' does not exist"):
+        load_preset("adapters/nope.yaml")

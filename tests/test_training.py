@@ -178,3 +178,24 @@ def test_activation_checkpointing_gives_the_same_gradients(samples):
         grads.append([p.grad.clone() for p in module.parameters() if p.requires_grad])
     for plain, checkpointed in zip(*grads, strict=True):
         torch.testing.assert_close(checkpointed, plain)
+
+
+def test_predict_writes_generated_answers(tmp_path):
+    import json
+
+    from mma.callbacks import PredictionWriter
+
+    module = MMAModule(tiny_config(), max_length=192, max_new_tokens=4)
+    data = SyntheticVQADataModule(test_size=3, image_size=32, eval_batch_size=2)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+        callbacks=[PredictionWriter()],
+    )
+    trainer.predict(module, datamodule=data, return_predictions=False)
+    rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 3
+    assert all(row["question"] and row["expected"].startswith("The answer is") for row in rows)
+    assert all(isinstance(row["generated"], str) for row in rows)

@@ -7,7 +7,7 @@ from mma.data.prompts import AnswerStyle, answer_text, question_prompt
 from mma.data.synthetic import IMAGE_TYPES, Problem, blank_like, make_problem
 
 # Stream offsets keep the splits disjoint for any sizes up to a million problems each.
-_SPLIT_OFFSET = {"train": 0, "val": 1_000_000, "test": 2_000_000}
+_SPLIT_OFFSET = {"train": 0, "val": 1_000_000, "test": 2_000_000, "predict": 2_000_000}
 
 
 class SyntheticVQA(Dataset):
@@ -38,8 +38,11 @@ class SyntheticVQA(Dataset):
     def __getitem__(self, index: int) -> dict:
         p = self.problem(index)
         sample = {"prompt": question_prompt(p.question, p.choices), "image": p.image}
+        answer = answer_text(p.choices, p.answer, self.answer_style)
         if self.split == "train":
-            return {**sample, "answer": answer_text(p.choices, p.answer, self.answer_style)}
+            return {**sample, "answer": answer}
+        if self.split == "predict":
+            return {**sample, "answer": None, "question": p.question, "expected": answer}
         groups = [p.category, "all"] if p.image is None else [p.category, "image", "all"]
         candidates = [answer_text(p.choices, i, self.answer_style) for i in range(len(p.choices))]
         return {**sample, "candidates": candidates, "target": p.answer, "groups": groups}
@@ -89,6 +92,10 @@ class SyntheticVQADataModule(MMADataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self.eval_loader(self._dataset("val", self.hparams.val_size))
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test problems as open questions: the model generates, ``predictions.jsonl`` records it."""
+        return self.eval_loader(self._dataset("predict", self.hparams.test_size))
 
     def test_dataloader(self) -> list[DataLoader]:
         size = self.hparams.test_size

@@ -3,6 +3,7 @@
 import math
 from dataclasses import asdict, dataclass
 from functools import partial
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -19,6 +20,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 from mma.build import ModelConfig, build_model
 from mma.data.collate import VLMCollator
 from mma.errors import ConfigError, TrainingDiverged
+from mma.evaluate import parse_answer, resolve_unparseable
 from mma.metrics import GroupedAccuracy, choose_options
 from mma.model import VisionLanguageModel
 
@@ -116,6 +118,7 @@ class MMAModule(L.LightningModule):
         self.val_accuracy = GroupedAccuracy(groups)
         self.test_accuracy = torch.nn.ModuleList(GroupedAccuracy(groups) for _ in names)
         self.test_names = names
+        self.overall_group = getattr(self.trainer.datamodule, "overall_group", "all")
 
     def on_train_start(self) -> None:
         # Lightning keeps the modes it finds; adapters must train (dropout on) while backbones stay in eval.
@@ -131,26 +134,62 @@ class MMAModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
-    def _score(self, batch: dict) -> torch.Tensor:
-        """(samples,) bool: the best-scoring option is the right one."""
-        scores = self.model.sequence_logprobs(batch).float().cpu()
-        chosen = choose_options(scores, batch["sample_index"].cpu())
-        return chosen == torch.tensor(batch["target"])
+    def _choose(self, batch: dict) -> tuple[torch.Tensor, list[str | None]]:
+        """Chosen option per sample (-1: none) and the generated text (None when options are scored).
+
+        Batches with ``candidates`` are scored by log-likelihood; others are answered by greedy generation and
+        parsed for ``The answer is X``; an unparseable answer follows the data module's ``unparseable`` policy.
+        """
+        if "sample_index" in batch:
+            scores = self.model.sequence_logprobs(batch).float().cpu()
+            return choose_options(scores, batch["sample_index"].cpu()), [None] * len(batch["target"])
+        tokens = self.model.generate(batch, max_new_tokens=self.hparams.max_new_tokens)
+        texts = self.model.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        data = self.trainer.datamodule
+        policy, rng = getattr(data, "unparseable", "wrong"), getattr(data, "fallback_rng", None)
+        parsed = [parse_answer(text, choices) for text, choices in zip(texts, batch["choices"], strict=True)]
+        self._unparseable += sum(p is None for p in parsed)
+        chosen = [resolve_unparseable(p, len(c), policy, rng) for p, c in zip(parsed, batch["choices"], strict=True)]
+        return torch.tensor(chosen), texts
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.val_accuracy.update(self._score(batch), batch["groups"])
+        chosen, _ = self._choose(batch)
+        self.val_accuracy.update(chosen == torch.tensor(batch["target"]), batch["groups"])
 
     def on_validation_epoch_end(self) -> None:
         self.log_dict({f"val/{k}": v for k, v in self.val_accuracy.compute().items()}, prog_bar=False)
-        self.log("val/acc", self.val_accuracy.compute()["all"], prog_bar=True)
+        self.log("val/acc", self.val_accuracy.compute()[self.overall_group], prog_bar=True)
         self.val_accuracy.reset()
 
+    def on_validation_epoch_start(self) -> None:
+        self._unparseable = 0
+
+    def on_test_epoch_start(self) -> None:
+        self._unparseable = 0
+        self._records = [[] for _ in self.test_names]
+
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self.test_accuracy[dataloader_idx].update(self._score(batch), batch["groups"])
+        chosen, texts = self._choose(batch)
+        self.test_accuracy[dataloader_idx].update(chosen == torch.tensor(batch["target"]), batch["groups"])
+        pids = batch.get("pid", [f"{batch_idx}:{i}" for i in range(len(texts))])
+        self._records[dataloader_idx] += [
+            {"pid": pid, "predicted": int(c), "text": t} for pid, c, t in zip(pids, chosen, texts, strict=True)
+        ]
 
     def on_test_epoch_end(self) -> None:
-        for name, metric in zip(self.test_names, self.test_accuracy, strict=True):
-            self.log_dict({f"{name}/{k}": v for k, v in metric.compute().items()}, add_dataloader_idx=False)
+        self.log("test/unparseable", float(self._unparseable), add_dataloader_idx=False)
+        report = getattr(self.trainer.datamodule, "report", None)
+        for name, metric, records in zip(self.test_names, self.test_accuracy, self._records, strict=True):
+            scores = {k: float(v) for k, v in metric.compute().items()}
+            self.log_dict({f"{name}/{k}": v for k, v in scores.items()}, add_dataloader_idx=False)
+            if report is not None and self.trainer.is_global_zero:
+                report(
+                    name,
+                    records,
+                    scores,
+                    self._unparseable,
+                    Path(self.trainer.log_dir or self.trainer.default_root_dir),
+                )
             metric.reset()
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:

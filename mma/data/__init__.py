@@ -3,5 +3,14 @@
 from mma.data.base import EpochSampler, MMADataModule
 from mma.data.collate import VLMCollator
 from mma.data.datamodule import SyntheticVQA, SyntheticVQADataModule
+from mma.data.scienceqa import ScienceQA, ScienceQADataModule
 
-__all__ = ["EpochSampler", "MMADataModule", "SyntheticVQA", "SyntheticVQADataModule", "VLMCollator"]
+__all__ = [
+    "EpochSampler",
+    "MMADataModule",
+    "ScienceQA",
+    "ScienceQADataModule",
+    "SyntheticVQA",
+    "SyntheticVQADataModule",
+    "VLMCollator",
+]

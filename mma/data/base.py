@@ -34,6 +34,7 @@ class MMADataModule(L.LightningDataModule):
     and the position in the training epoch is saved in checkpoints so a resumed run sees the same batches."""
 
     evaluation_groups: tuple[str, ...] = ("all",)
+    overall_group = "all"  # the group that holds every sample: validation's headline accuracy
     test_names: tuple[str, ...] = ("test",)
 
     def __init__(self, batch_size: int, eval_batch_size: int, num_workers: int, seed: int) -> None:

@@ -1,0 +1,57 @@
+"""Reading answers out of generated text, and the reports evaluation writes."""
+
+import json
+import random
+import re
+from pathlib import Path
+
+from mma.data.prompts import LETTERS
+from mma.errors import DataError
+
+_ANSWER = re.compile(r"The answer is ([A-Z])\b")
+_ANSWER_TEXT = re.compile(r"The answer is (.+?)\.(?:\s|$)")
+
+
+def parse_answer(text: str, choices: list[str]) -> int | None:
+    """Index of the option that ``The answer is X`` names (a letter, or an option's text); None if none."""
+    match = _ANSWER.search(text)
+    if match and LETTERS.index(match.group(1)) < len(choices):
+        return LETTERS.index(match.group(1))
+    match = _ANSWER_TEXT.search(text)
+    if match and match.group(1).strip() in choices:
+        return choices.index(match.group(1).strip())
+    return None
+
+
+def resolve_unparseable(parsed: int | None, num_choices: int, policy: str, rng: random.Random) -> int:
+    """-1 (always wrong) for an unparseable answer, or LaVIN's random option when ``policy == "random"``."""
+    if parsed is not None:
+        return parsed
+    return rng.randrange(num_choices) if policy == "random" else -1
+
+
+def markdown_table(columns: tuple[str, ...], scores: dict[str, float]) -> str:
+    """One-row Markdown table of accuracies in percent, in ``columns`` order."""
+    cells = [f"{100 * scores[c]:.2f}" if scores.get(c) == scores.get(c) else "-" for c in columns]
+    return "\n".join(["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns), "| " + " | ".join(cells) + " |"])
+
+
+def write_predictions(path: Path, split: str, records: list[dict], metadata: dict) -> None:
+    """``{"split", ..., "predictions": {pid: {"answer": letter or null, "text": generated}}}``."""
+    predictions = {
+        r["pid"]: {"answer": LETTERS[r["predicted"]] if r["predicted"] >= 0 else None, "text": r["text"]}
+        for r in records
+    }
+    path.write_text(json.dumps({"split": split, **metadata, "predictions": predictions}, indent=1))
+
+
+def read_predictions(path: Path, split: str, pids: list[str]) -> dict[str, int]:
+    """pid -> predicted option index (-1 when none) from a predictions file of exactly this split."""
+    data = json.loads(Path(path).read_text())
+    if data.get("split") != split:
+        raise DataError(f"{path}: predictions are for split {data.get('split')!r}, not {split!r}")
+    predictions = data["predictions"]
+    if set(predictions) != set(pids):
+        missing, extra = sorted(set(pids) - set(predictions)), sorted(set(predictions) - set(pids))
+        raise DataError(f"{path}: predictions do not cover split {split!r}: missing {missing[:5]}, extra {extra[:5]}")
+    return {pid: LETTERS.index(p["answer"]) if p["answer"] else -1 for pid, p in predictions.items()}

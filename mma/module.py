@@ -60,7 +60,9 @@ class MMAModule(L.LightningModule):
         optimizer: AdamW and schedule settings.
         max_length: longest token sequence; longer samples are cut at the end.
         activation_checkpointing: recompute LLM and ViT block activations in backward to save memory.
-        max_new_tokens: generation length for ``predict``.
+        max_new_tokens: generation length for ``predict`` and generation-based evaluation.
+        image_transform: overrides of the ViT's own data config for the image transform (timm
+            ``resolve_data_config`` keys: ``mean``, ``std``, ``interpolation``, ``crop_pct``, ``input_size``).
     """
 
     def __init__(
@@ -70,6 +72,7 @@ class MMAModule(L.LightningModule):
         max_length: int = 512,
         activation_checkpointing: bool = False,
         max_new_tokens: int = 32,
+        image_transform: dict | None = None,
     ) -> None:
         super().__init__()
         self.model_config = model
@@ -82,6 +85,7 @@ class MMAModule(L.LightningModule):
                 "max_length": max_length,
                 "activation_checkpointing": activation_checkpointing,
                 "max_new_tokens": max_new_tokens,
+                "image_transform": image_transform or {},
             }
         )
         self.model: VisionLanguageModel | None = None
@@ -98,15 +102,19 @@ class MMAModule(L.LightningModule):
                 self.model, checkpoint_wrapper_fn=wrapper, check_fn=lambda m: isinstance(m, LlamaDecoderLayer | Block)
             )
 
+    def image_data_config(self) -> dict:
+        """The ViT's own preprocessing (size, interpolation, mean/std) with the recipe's overrides on top."""
+        self.configure_model()
+        vit = self.model.vit
+        overrides = {"input_size": (3, *vit.patch_embed.img_size), **self.hparams.image_transform}
+        return resolve_data_config(overrides, model=vit)
+
     @property
     def collator(self) -> VLMCollator:
         self.configure_model()
-        vit = self.model.vit
         return VLMCollator(
             self.model.tokenizer,
-            transform=create_transform(
-                **resolve_data_config({"input_size": (3, *vit.patch_embed.img_size)}, model=vit)
-            ),
+            transform=create_transform(**self.image_data_config()),
             num_visual_tokens=self.model.num_visual_tokens,
             modality_token=self.model.modality_embedding is not None,
             max_length=self.hparams.max_length,

@@ -199,3 +199,15 @@ def test_predict_writes_generated_answers(tmp_path):
     assert len(rows) == 3
     assert all(row["question"] and row["expected"].startswith("The answer is") for row in rows)
     assert all(isinstance(row["generated"], str) for row in rows)
+
+
+def test_image_transform_follows_the_vit_and_takes_overrides():
+    module = MMAModule(tiny_config(), image_transform={"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)})
+    module.configure_model()
+    config = module.image_data_config()
+    assert config["input_size"] == (3, 32, 32) and config["mean"] == (0.0, 0.0, 0.0)
+    assert config["interpolation"] == module.model.vit.pretrained_cfg["interpolation"]
+    from PIL import Image
+
+    pixels = module.collator.transform(Image.new("RGB", (32, 32), (255, 255, 255)))
+    assert pixels.shape == (3, 32, 32) and torch.allclose(pixels, torch.ones_like(pixels))

@@ -1,4 +1,5 @@
-"""The ``mma`` command: LightningCLI's fit / validate / test / predict, plus ``params`` and ``demo``."""
+"""The ``mma`` command: LightningCLI's fit / validate / test / predict, plus ``params``, ``demo``, ``export``,
+``ask`` and ``merge``."""
 
 import logging
 import sys
@@ -52,6 +53,18 @@ def main(argv: list[str] | None = None) -> None:
             from mma.commands.demo import demo_command
 
             demo_command(argv[1:])
+        elif argv[:1] == ["export"]:
+            from mma.commands.export import export_command
+
+            export_command(argv[1:])
+        elif argv[:1] == ["ask"]:
+            from mma.commands.ask import ask_command
+
+            ask_command(argv[1:])
+        elif argv[:1] == ["merge"]:
+            from mma.commands.merge import merge_command
+
+            merge_command(argv[1:])
         else:
             MMACLI(args=argv)
     except MMAError as err:

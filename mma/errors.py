@@ -22,3 +22,11 @@ class DataError(MMAError):
 
 class TrainingDiverged(MMAError):
     """The loss stopped being finite; the run stops before the bad step is applied or saved."""
+
+
+class AdapterError(MMAError):
+    """An exported adapter folder is missing, unsafe (pickle), corrupted, or does not match the model's adapters."""
+
+
+class BackboneMismatch(AdapterError):
+    """An adapter meets backbones other than those it was trained on (their fingerprints differ)."""

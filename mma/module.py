@@ -18,6 +18,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from mma.build import ModelConfig, build_model
+from mma.checkpoint import AdapterSource, load_adapter
 from mma.data.collate import VLMCollator
 from mma.errors import ConfigError, TrainingDiverged
 from mma.evaluate import parse_answer, resolve_unparseable
@@ -63,6 +64,7 @@ class MMAModule(L.LightningModule):
         max_new_tokens: generation length for ``predict`` and generation-based evaluation.
         image_transform: overrides of the ViT's own data config for the image transform (timm
             ``resolve_data_config`` keys: ``mean``, ``std``, ``interpolation``, ``crop_pct``, ``input_size``).
+        adapter: an exported adapter folder (``mma export``) loaded onto the model once it is built.
     """
 
     def __init__(
@@ -73,9 +75,11 @@ class MMAModule(L.LightningModule):
         activation_checkpointing: bool = False,
         max_new_tokens: int = 32,
         image_transform: dict | None = None,
+        adapter: AdapterSource | None = None,
     ) -> None:
         super().__init__()
         self.model_config = model
+        self.adapter_source = adapter
         self.optimizer_config = optimizer or OptimizerConfig()
         # Plain data only: Lightning reads checkpoints with ``weights_only=True``, which refuses pickled classes.
         self.save_hyperparameters(
@@ -86,6 +90,7 @@ class MMAModule(L.LightningModule):
                 "activation_checkpointing": activation_checkpointing,
                 "max_new_tokens": max_new_tokens,
                 "image_transform": image_transform or {},
+                "adapter": asdict(adapter) if adapter else None,
             }
         )
         self.model: VisionLanguageModel | None = None
@@ -96,6 +101,9 @@ class MMAModule(L.LightningModule):
         if self.model is not None:
             return
         self.model = build_model(self.model_config)
+        if self.adapter_source is not None:
+            source = self.adapter_source
+            load_adapter(self.model, source.path, self.model_config, source.ignore_fingerprint)
         if self.hparams.activation_checkpointing:
             wrapper = partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
             apply_activation_checkpointing(

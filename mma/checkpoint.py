@@ -1,0 +1,320 @@
+"""Shared adapters: one folder that is small, safe and says which backbones it belongs to.
+
+``adapter_model.safetensors`` holds every trainable weight (adapters, projector, modality token) under its name in
+the ``VisionLanguageModel``; ``adapter_config.json`` holds the ``ModelConfig`` that rebuilds the model (adapter
+settings fully typed), the prompt layout, the backbones' identities and fingerprints, the weights file's hash and
+the training record; ``README.md`` is a model card generated from it. Nothing shared is ever unpickled.
+
+Loading checks, in order and before reading a tensor: no pickle, the config, the safetensors header, every tensor
+name and shape, the file's hash, then the backbone fingerprints (the one check a caller may waive).
+"""
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save
+
+from mma.adapters import adapter_parameter_names, get_adapter
+from mma.backbones import LLMSpec, ViTSpec
+from mma.backbones.files import read_safetensors_header
+from mma.build import ModelConfig, build_model, load_preset
+from mma.card import adapter_card
+from mma.errors import AdapterError, BackboneError, ConfigError
+from mma.fingerprint import backbone_identity, check_backbones
+from mma.model import VisionLanguageModel, VisualConfig
+
+WEIGHTS_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+CARD_FILE = "README.md"
+FORMAT = "mma-adapter"
+FORMAT_VERSION = 1
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
+# The token layout the collator builds (``mma.data.collate``); a model that reads other prompts needs a new layout.
+SEQUENCE_LAYOUT = {
+    "image": "[modality] [BOS] 'Image: ' [visual tokens] '\\n' prompt ' ' answer [EOS]",
+    "text": "[modality] [BOS] 'Image: N/A' '\\n' prompt ' ' answer [EOS]",
+}
+
+
+@dataclass
+class AdapterSource:
+    """An exported adapter folder to load onto the model once its backbones are built.
+
+    Args:
+        path: folder written by ``mma export``.
+        ignore_fingerprint: load even onto backbones whose fingerprint differs from the ones the adapter was
+            trained on. Tensor names and shapes are always checked.
+    """
+
+    path: str
+    ignore_fingerprint: bool = False
+
+
+def resolved_config(config: ModelConfig) -> ModelConfig:
+    """``config`` with its adapter settings read from any preset file and completed with every default."""
+    method = get_adapter(config.adapter)
+    typed = method.make_config(load_preset(config.adapter_config))
+    return dataclasses.replace(config, adapter_config=asdict(typed))
+
+
+def model_config_from_dict(data: dict) -> ModelConfig:
+    """The typed ``ModelConfig`` of a plain dict (``asdict`` output, as checkpoints and adapter configs hold it)."""
+    try:
+        return ModelConfig(
+            llm=LLMSpec(**data["llm"]),
+            vit=ViTSpec(**data["vit"]),
+            visual=VisualConfig(**data["visual"]),
+            adapter=data["adapter"],
+            adapter_config=data["adapter_config"],
+        )
+    except (KeyError, TypeError) as err:
+        raise AdapterError(f"model settings cannot be read: {err}") from None
+
+
+def adapter_weights(model: VisionLanguageModel) -> dict[str, torch.Tensor]:
+    """Every trainable tensor by its name in ``model``, detached CPU copies."""
+    trainable = adapter_parameter_names(model)
+    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if name in trainable}
+
+
+def prompt_format(model: VisionLanguageModel, max_length: int) -> dict:
+    """How samples become token sequences for this model: what a caller must reproduce to ask it anything."""
+    return {
+        "layout": SEQUENCE_LAYOUT,
+        "modality_token": model.modality_embedding is not None,
+        "visual_tokens": model.num_visual_tokens,
+        "image_size": list(model.vit.patch_embed.img_size),
+        "max_length": max_length,
+    }
+
+
+def save_adapter(
+    model: VisionLanguageModel,
+    config: ModelConfig,
+    out: str | Path,
+    *,
+    max_length: int = 512,
+    training: dict | None = None,
+    recipe: str | None = None,
+    license: str = "unknown",
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model``'s trainable weights, config and card into the folder ``out``, atomically.
+
+    ``config`` must be the one ``model`` was built from; ``training`` (steps, hyper-parameters, metrics) and
+    ``recipe`` (the run's YAML) describe the run on the card.
+    """
+    config = resolved_config(config)
+    tensors = adapter_weights(model)
+
+    def write(folder: Path) -> None:
+        (folder / WEIGHTS_FILE).write_bytes(save(tensors, metadata={"format": "pt", "mma_format": FORMAT}))
+        description = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "mma_version": importlib.metadata.version("mma"),
+            "model": asdict(config),
+            "prompt_format": prompt_format(model, max_length),
+            "backbones": backbone_identity(model, config),
+            "weights": {
+                "file": WEIGHTS_FILE,
+                "sha256": file_sha256(folder / WEIGHTS_FILE),
+                "bytes": (folder / WEIGHTS_FILE).stat().st_size,
+                "tensors": len(tensors),
+                "parameters": sum(t.numel() for t in tensors.values()),
+            },
+            "training": training or {},
+            "license": license,
+        }
+        (folder / CARD_FILE).write_text(adapter_card(description, recipe))
+        (folder / CONFIG_FILE).write_text(json.dumps(description, indent=2) + "\n")
+
+    return write_folder_atomically(Path(out), write, overwrite)
+
+
+def write_folder_atomically(out: Path, write: Callable[[Path], None], overwrite: bool = False) -> Path:
+    """Let ``write`` fill a hidden folder next to ``out``, then rename it to ``out``.
+
+    An interrupted write leaves nothing at ``out`` (or the previous folder, untouched): half-written files never
+    sit under the name a loader reads.
+    """
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out} already exists; choose another folder or overwrite it explicitly")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
+    staging.mkdir()
+    previous = staging.with_name(staging.name + "-previous")
+    try:
+        write(staging)
+        _sync_files(staging)
+        if out.exists():
+            os.replace(out, previous)
+        os.replace(staging, out)
+    except BaseException:
+        if previous.exists() and not out.exists():
+            os.replace(previous, out)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(previous, ignore_errors=True)
+    return out
+
+
+def _sync_files(folder: Path) -> None:
+    """Flush every file to disk before the rename makes the folder visible."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with path.open("rb") as f:
+                os.fsync(f.fileno())
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_adapter_config(path: str | Path) -> dict:
+    """The parsed ``adapter_config.json`` of an adapter folder; pickles and foreign folders are refused."""
+    folder = Path(path)
+    refuse_pickle(folder)
+    config_file = folder / CONFIG_FILE
+    if not folder.is_dir() or not config_file.is_file():
+        raise AdapterError(f"{folder} is not an adapter folder (no {CONFIG_FILE}); `mma export` writes one")
+    try:
+        saved = json.loads(config_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AdapterError(f"{config_file} is not valid JSON: {err}") from None
+    if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+        raise AdapterError(f"{config_file} does not describe an mma adapter (format is not {FORMAT!r})")
+    if saved.get("format_version", 0) > FORMAT_VERSION:
+        raise AdapterError(
+            f"{config_file} has format version {saved['format_version']}; this mma reads up to {FORMAT_VERSION}"
+        )
+    missing = [key for key in ("model", "prompt_format", "backbones", "weights") if key not in saved]
+    if missing:
+        raise AdapterError(f"{config_file} lacks the section(s) {missing}")
+    return saved
+
+
+def refuse_pickle(path: Path) -> None:
+    """Refuse a pickle (by suffix or content) offered as an adapter, without opening it beyond its first bytes."""
+    if path.is_dir() and (path / WEIGHTS_FILE).is_file():
+        suspects = [path / WEIGHTS_FILE] if _is_pickle(path / WEIGHTS_FILE) else []
+    elif path.is_dir():
+        suspects = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    else:
+        suspects = [path] if path.is_file() and (path.suffix in PICKLE_SUFFIXES or _is_pickle(path)) else []
+    if suspects:
+        file = suspects[0]
+        raise AdapterError(
+            f"refusing to load {file}: it is a pickle file, and unpickling runs whatever code it carries, so mma "
+            f"never loads one as an adapter. If you trust it, convert it once: a Lightning checkpoint from mma with "
+            f"`mma export --ckpt {file} --out DIR`; other weights by loading them with torch.load(weights_only=True) "
+            "into a model built from their recipe and writing it with mma.checkpoint.save_adapter"
+        )
+
+
+def _is_pickle(path: Path) -> bool:
+    """torch.save zips (``PK``) and raw pickles (``\\x80`` + protocol 2..5) by their first bytes."""
+    with path.open("rb") as f:
+        head = f.read(4)
+    return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
+def load_adapter(
+    model: VisionLanguageModel,
+    path: str | Path,
+    model_config: ModelConfig | None = None,
+    ignore_fingerprint: bool = False,
+) -> dict:
+    """Copy an exported adapter's weights into ``model`` (built with the same method) and return its config.
+
+    Every tensor name and shape must match the model's trainable parameters exactly; the backbones must have the
+    fingerprints recorded at export unless ``ignore_fingerprint``. With ``model_config`` (what ``model`` was built
+    from) the adapter and visual settings must match too.
+    """
+    folder = Path(path)
+    saved = read_adapter_config(folder)
+    if model_config is not None:
+        check_same_method(model_config_from_dict(saved["model"]), model_config, folder)
+    weights = folder / WEIGHTS_FILE
+    params = dict(model.named_parameters())
+    expected = {name: params[name].shape for name in adapter_parameter_names(model)}
+    check_tensors(weights, expected)
+    if file_sha256(weights) != saved.get("weights", {}).get("sha256"):
+        raise AdapterError(f"{weights} is corrupted or was changed after export (its hash differs from {CONFIG_FILE})")
+    check_backbones(saved, model, model_config, folder, ignore_fingerprint)
+    tensors = load_file(weights)
+    with torch.no_grad():
+        for name in expected:
+            params[name].copy_(tensors[name])
+    return saved
+
+
+def load_model(
+    path: str | Path, ignore_fingerprint: bool = False, device: str | torch.device = "cpu"
+) -> tuple[VisionLanguageModel, ModelConfig]:
+    """Build the backbones an adapter names and load the adapter onto them (in eval mode)."""
+    config = model_config_from_dict(read_adapter_config(path)["model"])
+    model = build_model(config, device)
+    load_adapter(model, path, config, ignore_fingerprint)
+    return model, config
+
+
+def check_tensors(weights: Path, expected: dict[str, torch.Size]) -> None:
+    """The header (validated, no tensor read) must name exactly the ``expected`` tensors, with their shapes."""
+    try:
+        header = read_safetensors_header(weights)
+    except BackboneError as err:
+        raise AdapterError(str(err)) from None
+    found = {name: info for name, info in header.items() if name != "__metadata__"}
+    check_names(set(expected), set(found), str(weights))
+    wrong = [
+        f"{name} {found[name].get('shape')} (model: {list(shape)})"
+        for name, shape in sorted(expected.items())
+        if found[name].get("shape") != list(shape)
+    ]
+    if wrong:
+        raise AdapterError(f"{weights}: tensor shapes differ from this model's: {_listing(wrong)}")
+
+
+def check_names(expected: set[str], found: set[str], source: str) -> None:
+    """Exactly the model's trainable tensors, no more, no fewer; the error lists the names on either side."""
+    missing, unexpected = sorted(expected - found), sorted(found - expected)
+    if missing or unexpected:
+        raise AdapterError(
+            f"{source} does not match this model's adapters: missing tensors {_listing(missing)}; "
+            f"unexpected tensors {_listing(unexpected)}"
+        )
+
+
+def _listing(names: list[str], limit: int = 20) -> str:
+    shown = ", ".join(names[:limit]) or "none"
+    return f"[{shown}{f', ... ({len(names)} in all)' if len(names) > limit else ''}]"
+
+
+def check_same_method(saved: ModelConfig, current: ModelConfig, folder: Path) -> None:
+    """The adapter method, its settings and the visual settings must be those the adapter was trained with."""
+    before, now = _method_settings(saved), _method_settings(current)
+    keys = sorted(before.keys() | now.keys())
+    differences = [f"{k}: adapter {before.get(k)!r}, model {now.get(k)!r}" for k in keys if before.get(k) != now.get(k)]
+    if differences:
+        raise AdapterError(f"adapter {folder} was trained with other settings: {'; '.join(differences)}")
+
+
+def _method_settings(config: ModelConfig) -> dict:
+    resolved = resolved_config(config)
+    settings = {f"adapter_config.{k}": v for k, v in resolved.adapter_config.items()}
+    settings.update({f"visual.{k}": v for k, v in asdict(config.visual).items()})
+    return {"adapter": config.adapter, **settings}

@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -34,7 +35,7 @@ _OVERRIDE_HINT = (
 def backbone_parameters(module: nn.Module) -> dict[str, torch.Tensor]:
     """Frozen parameters of ``module`` under the names the unadapted backbone gives them, sorted by name."""
     trainable = adapter_parameter_names(module)
-    wrapped = {name for name, m in module.named_modules() if isinstance(m, AdaptedNorm)}
+    wrapped = {name: _inner(m) for name, m in module.named_modules() if _inner(m)}
     bare = {}
     for name, param in module.named_parameters():
         if name not in trainable:
@@ -42,10 +43,20 @@ def backbone_parameters(module: nn.Module) -> dict[str, torch.Tensor]:
     return dict(sorted(bare.items()))
 
 
-def _unwrapped_name(name: str, wrapped: set[str]) -> str:
-    """``layers.0.input_layernorm.norm.weight`` -> ``layers.0.input_layernorm.weight`` where that norm is wrapped."""
+def _inner(module: nn.Module) -> str | None:
+    """The attribute under which an adapter wrapper keeps the backbone's own module, if ``module`` is one."""
+    if isinstance(module, AdaptedNorm):
+        return "norm"
+    if isinstance(module, BaseTunerLayer):
+        return "base_layer"
+    return None
+
+
+def _unwrapped_name(name: str, wrapped: dict[str, str]) -> str:
+    """``layers.0.input_layernorm.norm.weight`` -> ``layers.0.input_layernorm.weight`` where that norm is wrapped
+    (likewise ``q_proj.base_layer.weight`` -> ``q_proj.weight`` under peft)."""
     parts = name.split(".")
-    kept = [part for i, part in enumerate(parts) if not (part == "norm" and ".".join(parts[:i]) in wrapped)]
+    kept = [part for i, part in enumerate(parts) if wrapped.get(".".join(parts[:i])) != part]
     return ".".join(kept)
 
 

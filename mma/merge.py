@@ -17,6 +17,7 @@ LLaMA's projections have no bias, so the merged config sets ``attention_bias=Tru
 from collections.abc import Callable
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -132,3 +133,20 @@ def biased_linear(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor) -
     folded.weight = nn.Parameter(weight.to(linear.weight), requires_grad=False)
     folded.bias = nn.Parameter(bias.to(linear.weight), requires_grad=False)
     return folded
+
+
+@register_fold("lora")
+def fold_lora(model: VisionLanguageModel, modality: str | None) -> PreTrainedModel:
+    """Add every LoRA update of the LLM into its base linear (peft's own ``merge``) and unwrap the layer.
+
+    LoRA does not route, so the modality is irrelevant; LoRA in the ViT is not part of the LLM and stays out.
+    """
+    llm = model.llm
+    layers = [(name, module) for name, module in llm.named_modules() if isinstance(module, BaseTunerLayer)]
+    if not layers:
+        raise ConfigError("this LoRA adapter has no LLM layers: there is nothing to merge")
+    for name, layer in layers:
+        layer.merge()
+        parent, _, child = name.rpartition(".")
+        setattr(llm.get_submodule(parent), child, layer.get_base_layer())
+    return llm

@@ -6,6 +6,7 @@ from conftest import collator_for, tiny_model
 
 from mma.adapters import adapter_parameter_names, get_adapter, registered_adapters
 from mma.errors import ConfigError
+from mma.fingerprint import backbone_parameters
 
 ADAPTERS = registered_adapters()
 
@@ -55,20 +56,24 @@ def test_backbones_stay_in_eval_while_adapters_train(name):
 
 @pytest.mark.parametrize("name", ADAPTERS)
 def test_state_dict_keys_are_stable(name):
-    """Two builds give the same keys, and every backbone weight is still there under a predictable name."""
+    """Two builds give the same keys; every backbone weight is still there under a name that maps back to the
+    bare backbone's, and every other key is an adapter's."""
     first, second = tiny_model(name, seed=0), tiny_model(name, seed=1)
     assert list(first.state_dict()) == list(second.state_dict())
-    backbone_keys = set(tiny_model("none").state_dict())
-    adapted_keys = {
-        k.replace("input_layernorm.norm.", "input_layernorm.").replace("norm1.norm.", "norm1.")
-        for k in first.state_dict()
+    bare = tiny_model("none")
+    backbone_names = {f"llm.{k}" for k in backbone_parameters(bare.llm)} | {
+        f"vit.{k}" for k in backbone_parameters(bare.vit)
     }
-    assert backbone_keys <= adapted_keys
-    assert adapted_keys - backbone_keys == {k for k in adapted_keys if ".adapter." in k or "modality" in k}
+    adapted_names = {f"llm.{k}" for k in backbone_parameters(first.llm)} | {
+        f"vit.{k}" for k in backbone_parameters(first.vit)
+    }
+    assert adapted_names == backbone_names
+    frozen = {n for n, p in first.named_parameters() if not p.requires_grad}
+    assert {n for n, _ in first.named_parameters()} - frozen == adapter_parameter_names(first)
 
 
 def test_unknown_adapter_and_setting_are_named():
-    with pytest.raises(ConfigError, match="unknown adapter 'lavinn'; registered adapters: lavin, none"):
+    with pytest.raises(ConfigError, match="unknown adapter 'lavinn'; registered adapters: lavin, lora, none"):
         get_adapter("lavinn")
     with pytest.raises(ConfigError, match=r"adapter 'lavin' has no setting\(s\) \['rank'\]"):
         get_adapter("lavin").make_config({"rank": 4})

@@ -95,3 +95,22 @@ def test_packed_quantized_weights_are_refused(tmp_path):
     layer.weight = torch.nn.Parameter(torch.zeros(64, 32, dtype=torch.uint8), requires_grad=False)
     with pytest.raises(ConfigError, match=r"packed quantized weights \(model.layers.0.self_attn.q_proj.weight"):
         merge_adapter(model, "lavin", "text")
+
+
+def test_merged_lora_loads_in_transformers_and_matches(tmp_path):
+    """LoRA folds into the base weights by peft's own merge; no modality token, so the layout is [BOS] tokens."""
+    model, folder = _adapted(tmp_path, "lora")
+    out = tmp_path / "merged"
+    main(["merge", "--adapter", str(folder), "--out", str(out)])
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    text = tokenizer("Image: N/A\nWhich is a fruit? (A) car (B) pear", add_special_tokens=False).input_ids
+    tokens = torch.tensor([[tokenizer.bos_token_id, *text]])
+    batch = {"input_ids": tokens, "attention_mask": torch.ones_like(tokens), "has_image": torch.tensor([False])}
+    with torch.no_grad():
+        expected = model.llm.get_output_embeddings()(model.hidden_states(batch))
+        logits = merged(tokens).logits
+        unadapted = load_llm(tiny_config().llm)[0](tokens).logits
+    torch.testing.assert_close(logits, expected, rtol=0, atol=TOLERANCE)
+    assert not any("lora" in name for name in merged.state_dict())
+    assert (logits - unadapted).abs().max() > 1000 * TOLERANCE

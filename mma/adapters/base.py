@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from mma.errors import ConfigError
@@ -65,12 +66,28 @@ def registered_adapters() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def declared_adapter_params(module: nn.Module) -> list[str]:
+    """Parameter names (relative to ``module``) that ``module`` itself declares trainable.
+
+    mma's adapters implement ``AdapterModule``; peft's layers name their adapter submodules in
+    ``adapter_layer_names`` (``lora_A``, ``lora_B``, ...), which is read instead of matching parameter names.
+    """
+    if isinstance(module, AdapterModule):
+        return module.adapter_params()
+    if isinstance(module, BaseTunerLayer):
+        return [
+            f"{layer}.{name}"
+            for layer in module.adapter_layer_names
+            for name, _ in getattr(module, layer).named_parameters()
+        ]
+    return []
+
+
 def adapter_parameter_names(model: nn.Module) -> set[str]:
-    """Full names of every parameter that some ``AdapterModule`` in ``model`` declares trainable."""
+    """Full names of every parameter that some adapter module in ``model`` declares trainable."""
     names = set()
     for prefix, module in model.named_modules():
-        if isinstance(module, AdapterModule):
-            names.update(f"{prefix}.{name}" if prefix else name for name in module.adapter_params())
+        names.update(f"{prefix}.{name}" if prefix else name for name in declared_adapter_params(module))
     return names
 
 
@@ -93,5 +110,5 @@ def set_train_mode(model: nn.Module, mode: bool = True) -> None:
         module.training = False
     if mode:
         for module in model.modules():
-            if isinstance(module, AdapterModule):
+            if declared_adapter_params(module):
                 nn.Module.train(module, True)

@@ -15,6 +15,7 @@ import statistics
 import time
 
 import torch
+from train_step import time_train_step  # bench/ is on sys.path when run as a script
 
 from mma.cli import config_cli
 
@@ -49,15 +50,7 @@ def main() -> None:
 
     model = module.model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    step_times = []
-    for batch in batches[: max(3, args.batches // 4)]:
-        start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model.loss(batch)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step_times.append(time.perf_counter() - start)
+    step_times = [time_train_step(model, batch, optimizer) for batch in batches[: max(3, args.batches // 4)]]
 
     load, step = statistics.median(load_times), statistics.median(step_times[1:])
     print(f"{args.config}: batch {data.batch_size}, median over {args.batches} batches / {len(step_times) - 1} steps")

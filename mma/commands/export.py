@@ -19,6 +19,7 @@ from mma.build import build_model
 from mma.checkpoint import check_names, model_config_from_dict, save_adapter
 from mma.errors import AdapterError
 from mma.model import VisionLanguageModel
+from mma.peft_format import save_peft_lora
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,11 @@ def run_metrics(ckpt: Path, global_step: int) -> dict[str, dict]:
     return dict(sorted(metrics.items()))
 
 
-def export_checkpoint(ckpt: Path, out: Path, license: str = "unknown", overwrite: bool = False) -> Path:
-    """Rebuild the checkpoint's model, load its trainable weights and save them as an adapter folder."""
+def export_checkpoint(
+    ckpt: Path, out: Path, license: str = "unknown", overwrite: bool = False, peft_out: Path | None = None
+) -> Path:
+    """Rebuild the checkpoint's model, load its trainable weights and save them as an adapter folder (and, for
+    LoRA, also in peft's folder format at ``peft_out``)."""
     checkpoint = read_checkpoint(ckpt)
     hyper = checkpoint["hyper_parameters"]
     config = model_config_from_dict(hyper["model"])
@@ -85,6 +89,8 @@ def export_checkpoint(ckpt: Path, out: Path, license: str = "unknown", overwrite
         "metrics": run_metrics(ckpt, checkpoint.get("global_step", 0)),
     }
     recipe = run_file(ckpt, "config.yaml")
+    if peft_out is not None:
+        save_peft_lora(model, peft_out, config.llm.path, overwrite)
     return save_adapter(
         model,
         config,
@@ -103,7 +109,9 @@ def export_command(argv: list[str]) -> None:
     parser.add_argument("--out", required=True, help="adapter folder to write (must not exist)")
     parser.add_argument("--license", default="unknown", help="licence of the adapter weights, for the card")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    parser.add_argument("--peft", help="LoRA only: also write the LLM's LoRA in peft's folder format here")
     args = parser.parse_args(argv)
-    out = export_checkpoint(Path(args.ckpt), Path(args.out), args.license, args.overwrite)
+    peft_out = Path(args.peft) if args.peft else None
+    out = export_checkpoint(Path(args.ckpt), Path(args.out), args.license, args.overwrite, peft_out)
     size = sum(f.stat().st_size for f in out.iterdir())
     log.info("adapter written to %s (%.2f MB)", out, size / 1e6)

@@ -1,7 +1,6 @@
 """The LightningModule: owns the model, trains only adapter parameters, evaluates by scoring answer options."""
 
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
@@ -24,33 +23,7 @@ from mma.errors import ConfigError, TrainingDiverged
 from mma.evaluate import parse_answer, resolve_unparseable
 from mma.metrics import GroupedAccuracy, choose_options
 from mma.model import VisionLanguageModel
-
-
-@dataclass
-class OptimizerConfig:
-    """AdamW with per-step linear warmup then half-cycle cosine decay (LaVIN's schedule).
-
-    Args:
-        lr: peak learning rate.
-        weight_decay: decay of matrices; 1-D parameters (biases, norms, embeddings of size 1) get none.
-        betas: AdamW betas.
-        warmup_fraction: share of all optimizer steps spent warming up linearly from 0.
-        min_lr_ratio: final learning rate as a fraction of ``lr``.
-    """
-
-    lr: float = 1e-3
-    weight_decay: float = 0.02
-    betas: tuple[float, float] = (0.9, 0.95)
-    warmup_fraction: float = 0.1
-    min_lr_ratio: float = 0.0
-
-
-def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Learning-rate multiplier at optimizer step ``step``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+from mma.optim import OptimizerConfig, make_optimizer, warmup_cosine
 
 
 class MMAModule(L.LightningModule):
@@ -222,7 +195,7 @@ class MMAModule(L.LightningModule):
             {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
         ]
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+        optimizer = make_optimizer(groups, cfg, self.device)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = max(1, round(cfg.warmup_fraction * total))
         schedule = partial(warmup_cosine, warmup=warmup, total=total, min_ratio=cfg.min_lr_ratio)

@@ -3,12 +3,14 @@
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    BitsAndBytesConfig,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
@@ -68,7 +70,10 @@ class LLMSpec:
         shape: a named architecture (``llama-7b``, ``llama-13b``, ``smollm2-135m``) with random weights; used for
             parameter counts on the meta device and when no path is given.
         config: ``LlamaConfig`` fields on top of ``shape`` (tests build tiny models this way).
-        dtype: storage dtype of the frozen weights: float32, bfloat16 or float16.
+        dtype: storage dtype of the frozen weights (float32, bfloat16 or float16); with ``quantization`` the dtype
+            of what stays unquantized (embeddings, norms, head) and of the 4-bit layers' computation.
+        quantization: ``nf4`` loads the LLM's linear layers in 4-bit NF4 with double quantization, ``int8`` in
+            8-bit, through bitsandbytes (QLoRA, LaVIN-lite); needs ``path``.
         seed: seed of the random initialisation when no weights are loaded.
     """
 
@@ -76,6 +81,7 @@ class LLMSpec:
     shape: str | None = None
     config: dict = field(default_factory=dict)
     dtype: str = "float32"
+    quantization: Literal["none", "nf4", "int8"] = "none"
     seed: int = 0
 
 
@@ -102,8 +108,10 @@ def load_llm(spec: LLMSpec, device: str | torch.device = "cpu") -> tuple[PreTrai
     """Load (or, on ``device="meta"``, only shape) the LM and its tokenizer, frozen and in eval mode."""
     dtype = torch_dtype(spec.dtype)
     if spec.path is not None and str(device) != "meta":
-        model = _from_weights(spec.path, dtype)
+        model = _from_weights(spec.path, dtype, quantization_config(spec, device))
     else:
+        if spec.quantization != "none" and str(device) != "meta":
+            raise ConfigError(f"quantization {spec.quantization!r} needs weights to quantize: set the LLM's path")
         config = llm_config(spec)
         config._attn_implementation = "sdpa"
         if str(device) != "meta":
@@ -145,10 +153,47 @@ def _locate(path: str) -> tuple[Path, str | None]:
     return resolved, None
 
 
-def _from_weights(path: str, dtype: torch.dtype) -> PreTrainedModel:
+def quantization_config(spec: LLMSpec, device: str | torch.device) -> BitsAndBytesConfig | None:
+    """transformers' bitsandbytes config for ``spec.quantization``, after checking bitsandbytes runs here."""
+    if spec.quantization == "none":
+        return None
+    check_bitsandbytes(torch.device(device))
+    if spec.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch_dtype(spec.dtype),
+    )
+
+
+def check_bitsandbytes(device: torch.device) -> None:
+    """Quantize a tiny tensor on ``device``: a clear error now instead of a library trace mid-load."""
+    try:
+        import bitsandbytes.functional as bnb_functional
+
+        bnb_functional.quantize_4bit(torch.ones(64, device=device), quant_type="nf4")
+    except Exception as err:  # any failure here means 4-bit cannot run on this device
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        message = f"bitsandbytes cannot quantize on {device} here ({reason}); use quantization: none"
+        raise BackboneError(message) from None
+
+
+def _from_weights(path: str, dtype: torch.dtype, quantization: BitsAndBytesConfig | None) -> PreTrainedModel:
     folder, gguf_file = _locate(path)
+    if gguf_file is not None and quantization is not None:
+        raise ConfigError(
+            f"{path}: transformers cannot load a GGUF file with bitsandbytes quantization; load it once without "
+            "quantization and save_pretrained it to a folder, then quantize that folder"
+        )
     return AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=gguf_file, dtype=dtype, attn_implementation="sdpa", low_cpu_mem_usage=True
+        folder,
+        gguf_file=gguf_file,
+        dtype=dtype,
+        attn_implementation="sdpa",
+        low_cpu_mem_usage=True,
+        quantization_config=quantization,
     )
 
 

@@ -1,0 +1,102 @@
+"""4-bit backbones (bitsandbytes NF4, which runs on this CPU): every adapter trains on them, the packed weights
+never change, and the quantized model stays close to the full-precision one."""
+
+import dataclasses
+
+import lightning as L
+import pytest
+import torch
+from bitsandbytes.nn import Linear4bit
+from conftest import TINY_LLM, tiny_config
+from lightning.pytorch.callbacks import Callback
+
+from mma.backbones import LLMSpec, load_llm
+from mma.data import SyntheticVQADataModule
+from mma.errors import ConfigError
+from mma.module import MMAModule
+from mma.optim import OptimizerConfig, make_optimizer
+
+# NF4 keeps 16 levels per weight: on this random tiny model the logits move by up to ~1 (their spread is ~10).
+LOGIT_TOLERANCE = 1.5
+
+
+@pytest.fixture(scope="module")
+def weights_folder(tmp_path_factory):
+    """The tiny random LLaMA saved as a Hugging Face folder, so it can be loaded quantized like real weights."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model, tokenizer = load_llm(LLMSpec(config=TINY_LLM))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _quantized_config(folder, adapter: str, **adapter_config):
+    config = tiny_config(adapter, **adapter_config)
+    return dataclasses.replace(config, llm=LLMSpec(path=str(folder), quantization="nf4"))
+
+
+def test_nf4_logits_stay_close_to_full_precision(weights_folder):
+    full, _ = load_llm(LLMSpec(path=str(weights_folder)))
+    quantized, _ = load_llm(LLMSpec(path=str(weights_folder), quantization="nf4"))
+    assert isinstance(quantized.model.layers[0].self_attn.q_proj, Linear4bit)
+    assert quantized.model.embed_tokens.weight.dtype == torch.float32  # unquantized parts keep the dtype
+    tokens = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46]])
+    with torch.no_grad():
+        difference = (quantized(tokens).logits - full(tokens).logits).abs()
+    assert difference.max() < LOGIT_TOLERANCE
+    assert difference.max() > 0  # it really is quantized
+
+
+class _LossLog(Callback):
+    def __init__(self) -> None:
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+@pytest.mark.parametrize("adapter", ["lora", "lavin"])
+def test_adapters_train_on_a_4bit_llm_and_leave_it_untouched(weights_folder, adapter):
+    L.seed_everything(0, verbose=False)
+    module = MMAModule(_quantized_config(weights_folder, adapter), OptimizerConfig(lr=3e-2), max_length=192)
+    module.configure_model()
+    packed = {n: p.detach().clone() for n, p in module.named_parameters() if p.dtype == torch.uint8}
+    assert packed  # the LLM's linears are 4-bit
+    trainable = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    log = _LossLog()
+    data = SyntheticVQADataModule(train_size=8, image_size=32, batch_size=8)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=30,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        callbacks=[log],
+    )
+    trainer.fit(module, datamodule=data)
+    parameters = dict(module.named_parameters())
+    for name, before in packed.items():
+        assert torch.equal(parameters[name], before), f"quantized {name} changed"
+    assert all(not torch.equal(parameters[name], before) for name, before in trainable.items())
+    first, last = sum(log.losses[:3]) / 3, sum(log.losses[-3:]) / 3
+    assert last < 0.75 * first, log.losses
+
+
+def test_quantization_without_weights_or_of_a_gguf_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="quantization 'nf4' needs weights to quantize"):
+        load_llm(LLMSpec(config=TINY_LLM, quantization="nf4"))
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(64))
+    with pytest.raises(ConfigError, match="cannot load a GGUF file with bitsandbytes quantization"):
+        load_llm(LLMSpec(path=str(gguf), quantization="nf4"))
+
+
+def test_paged_optimizer_on_cpu_is_refused_and_8bit_runs():
+    param = torch.nn.Parameter(torch.ones(8, 8))
+    with pytest.raises(ConfigError, match="'paged_adamw' pages its states .* needs a CUDA device"):
+        make_optimizer([{"params": [param]}], OptimizerConfig(name="paged_adamw"), torch.device("cpu"))
+    optimizer = make_optimizer([{"params": [param]}], OptimizerConfig(name="adamw8bit"), torch.device("cpu"))
+    param.grad = torch.ones_like(param)
+    optimizer.step()
+    assert not torch.equal(param, torch.ones(8, 8))

@@ -100,3 +100,24 @@ def test_paged_optimizer_on_cpu_is_refused_and_8bit_runs():
     param.grad = torch.ones_like(param)
     optimizer.step()
     assert not torch.equal(param, torch.ones(8, 8))
+
+
+def test_streaming_nf4_load_equals_transformers_own_4bit_load(weights_folder):
+    """Same packed weights and quantization statistics, and (same kernels) the same logits, bit for bit."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    ours, _ = load_llm(LLMSpec(path=str(weights_folder), quantization="nf4"))
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    reference = AutoModelForCausalLM.from_pretrained(weights_folder, quantization_config=config).eval()
+    ours_state, reference_state = ours.state_dict(), reference.state_dict()
+    assert set(ours_state) == set(reference_state)
+    for name, tensor in reference_state.items():
+        assert torch.equal(ours_state[name], tensor), name
+    tokens = torch.tensor([[1, 40, 41, 42, 43]])
+    with torch.no_grad():
+        assert torch.equal(ours(tokens).logits, reference(tokens).logits)

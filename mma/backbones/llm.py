@@ -18,6 +18,7 @@ from transformers import (
 )
 
 from mma.backbones.files import check_exists, check_gguf, read_safetensors_header, resolve_path
+from mma.backbones.quantize import load_nf4
 from mma.backbones.tokenizer import byte_tokenizer
 from mma.errors import BackboneError, ConfigError
 
@@ -72,8 +73,9 @@ class LLMSpec:
         config: ``LlamaConfig`` fields on top of ``shape`` (tests build tiny models this way).
         dtype: storage dtype of the frozen weights (float32, bfloat16 or float16); with ``quantization`` the dtype
             of what stays unquantized (embeddings, norms, head) and of the 4-bit layers' computation.
-        quantization: ``nf4`` loads the LLM's linear layers in 4-bit NF4 with double quantization, ``int8`` in
-            8-bit, through bitsandbytes (QLoRA, LaVIN-lite); needs ``path``.
+        quantization: ``nf4`` loads the LLM's decoder linears in 4-bit NF4 with double quantization, reading and
+            quantizing one tensor at a time (``mma.backbones.quantize``); ``int8`` loads them in 8-bit through
+            transformers; both through bitsandbytes (QLoRA, LaVIN-lite) and need ``path``.
         seed: seed of the random initialisation when no weights are loaded.
     """
 
@@ -107,7 +109,10 @@ def llm_config(spec: LLMSpec) -> LlamaConfig:
 def load_llm(spec: LLMSpec, device: str | torch.device = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load (or, on ``device="meta"``, only shape) the LM and its tokenizer, frozen and in eval mode."""
     dtype = torch_dtype(spec.dtype)
-    if spec.path is not None and str(device) != "meta":
+    if spec.path is not None and str(device) != "meta" and spec.quantization == "nf4" and not _is_gguf(spec.path):
+        check_bitsandbytes(torch.device(device))
+        model = load_nf4(_locate(spec.path)[0], dtype, device)
+    elif spec.path is not None and str(device) != "meta":
         model = _from_weights(spec.path, dtype, quantization_config(spec, device))
     else:
         if spec.quantization != "none" and str(device) != "meta":
@@ -137,6 +142,10 @@ def load_tokenizer(spec: LLMSpec) -> PreTrainedTokenizerBase:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _is_gguf(path: str) -> bool:
+    return resolve_path(path).is_file()
 
 
 def _locate(path: str) -> tuple[Path, str | None]:

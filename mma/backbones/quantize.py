@@ -1,0 +1,98 @@
+"""Load a LLaMA-family checkpoint straight into 4-bit NF4, one tensor at a time.
+
+transformers' 4-bit load keeps every shard mapped while it loads, so a 1B model peaks near its full-precision
+size. Here the model is built on the meta device, each decoder linear becomes a ``bitsandbytes`` ``Linear4bit``,
+and every weight is read from the safetensors file with plain reads (no memory map), quantized at once and its
+full-precision copy freed: the peak stays near the 4-bit model plus one tensor. The packed weights are the ones
+transformers' own 4-bit load produces (tested).
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from bitsandbytes.nn import Linear4bit, Params4bit
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from mma.backbones.files import read_safetensors_header
+from mma.errors import BackboneError
+
+_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def load_nf4(folder: Path, dtype: torch.dtype, device: str | torch.device = "cpu") -> PreTrainedModel:
+    """The model in ``folder`` with decoder linears in NF4 (double quantization, compute in ``dtype``) and
+    everything else (embeddings, norms, head, rotary tables) in ``dtype``."""
+    config = AutoConfig.from_pretrained(folder)
+    config._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for layer in model.model.layers:
+        _quantizable_linears_to_4bit(layer, dtype)
+    with torch.device(device):  # rotary tables are computed, not stored: build them for real
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    for path in _weight_files(folder):
+        for name, tensor in _read_tensors(path):
+            _assign(model, name, tensor, dtype, device)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    left = [name for name, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise BackboneError(f"{folder}: the checkpoint lacks {len(left)} weights of the model, e.g. {left[:3]}")
+    return model
+
+
+def _quantizable_linears_to_4bit(block: nn.Module, dtype: torch.dtype) -> None:
+    for name, module in list(block.named_modules()):
+        if isinstance(module, nn.Linear):
+            parent, _, child = name.rpartition(".")
+            quantized = Linear4bit(
+                module.in_features,
+                module.out_features,
+                bias=module.bias is not None,
+                compute_dtype=dtype,
+                compress_statistics=True,
+                quant_type="nf4",
+                device="meta",
+            )
+            setattr(block.get_submodule(parent), child, quantized)
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+    return sorted(folder.glob("*.safetensors"))
+
+
+def _read_tensors(path: Path):
+    """(name, tensor) pairs of a safetensors file, each read with its own ``pread`` and owned by the caller."""
+    header = read_safetensors_header(path)
+    with path.open("rb") as f:
+        start = 8 + int.from_bytes(f.read(8), "little")  # tensor data follows the length and the JSON header
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if info["dtype"] not in _DTYPES:
+                raise BackboneError(f"{path}: tensor {name} has dtype {info['dtype']}, expected F32, BF16 or F16")
+            begin, end = info["data_offsets"]
+            f.seek(start + begin)
+            raw = bytearray(f.read(end - begin))
+            tensor = torch.frombuffer(raw, dtype=_DTYPES[info["dtype"]]).reshape(info["shape"])
+            yield name, tensor
+
+
+def _assign(model: PreTrainedModel, name: str, tensor: torch.Tensor, dtype: torch.dtype, device) -> None:
+    module_name, _, attribute = name.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        return  # a tensor the model does not use (e.g. a rotary table saved by an old export)
+    if isinstance(module, Linear4bit) and attribute == "weight":
+        weight = Params4bit(
+            tensor.to(dtype), requires_grad=False, compress_statistics=True, quant_type="nf4", module=module
+        )
+        module.weight = weight.to(device)  # quantizes here; the full-precision tensor is released with ``tensor``
+    else:
+        setattr(module, attribute, nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))

@@ -31,6 +31,7 @@ lint: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) bench/train_step.py
 	$(PY) bench/data_loader.py --config recipes/demo.yaml
+	$(PY) bench/memory.py
 
 clean:
 	rm -rf $(VENV) lightning_logs runs

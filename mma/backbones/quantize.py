@@ -8,6 +8,7 @@ transformers' own 4-bit load produces (tested).
 """
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -32,9 +33,16 @@ def load_nf4(folder: Path, dtype: torch.dtype, device: str | torch.device = "cpu
         _quantizable_linears_to_4bit(layer, dtype)
     with torch.device(device):  # rotary tables are computed, not stored: build them for real
         model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
-    for path in _weight_files(folder):
-        for name, tensor in _read_tensors(path):
-            _assign(model, name, tensor, dtype, device)
+    files = _weight_files(folder)
+    headers = {path: read_safetensors_header(path) for path in files}
+    # Two buffers reused for every tensor: reading and converting allocate nothing that outlives a tensor, so the
+    # allocator never fragments and the peak is the model plus the largest tensor twice.
+    largest = max(math.prod(i["shape"]) for h in headers.values() for n, i in h.items() if n != "__metadata__")
+    read_buffer = torch.empty(largest * 4, dtype=torch.uint8)
+    staging = torch.empty(largest, dtype=dtype)
+    for path in files:
+        for name, tensor in _read_tensors(path, headers[path], read_buffer):
+            _assign(model, name, tensor, staging, device)
     if config.tie_word_embeddings:
         model.tie_weights()
     left = [name for name, p in model.named_parameters() if p.is_meta]
@@ -66,9 +74,11 @@ def _weight_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.safetensors"))
 
 
-def _read_tensors(path: Path):
-    """(name, tensor) pairs of a safetensors file, each read with its own ``pread`` and owned by the caller."""
-    header = read_safetensors_header(path)
+def _read_tensors(path: Path, header: dict, buffer: torch.Tensor):
+    """(name, tensor) pairs of a safetensors file, each read with plain reads into ``buffer`` (no memory map).
+
+    Each tensor is a view of ``buffer``, valid until the next one is read.
+    """
     with path.open("rb") as f:
         start = 8 + int.from_bytes(f.read(8), "little")  # tensor data follows the length and the JSON header
         for name, info in header.items():
@@ -78,21 +88,23 @@ def _read_tensors(path: Path):
                 raise BackboneError(f"{path}: tensor {name} has dtype {info['dtype']}, expected F32, BF16 or F16")
             begin, end = info["data_offsets"]
             f.seek(start + begin)
-            raw = bytearray(f.read(end - begin))
-            tensor = torch.frombuffer(raw, dtype=_DTYPES[info["dtype"]]).reshape(info["shape"])
-            yield name, tensor
+            raw = buffer[: end - begin]
+            f.readinto(memoryview(raw.numpy()))
+            yield name, raw.view(_DTYPES[info["dtype"]]).view(info["shape"])
 
 
-def _assign(model: PreTrainedModel, name: str, tensor: torch.Tensor, dtype: torch.dtype, device) -> None:
+def _assign(model: PreTrainedModel, name: str, tensor: torch.Tensor, staging: torch.Tensor, device) -> None:
+    """Quantize a decoder linear's weight through ``staging``; copy anything else into a tensor of its own."""
     module_name, _, attribute = name.rpartition(".")
     try:
         module = model.get_submodule(module_name)
     except AttributeError:
         return  # a tensor the model does not use (e.g. a rotary table saved by an old export)
     if isinstance(module, Linear4bit) and attribute == "weight":
-        weight = Params4bit(
-            tensor.to(dtype), requires_grad=False, compress_statistics=True, quant_type="nf4", module=module
-        )
-        module.weight = weight.to(device)  # quantizes here; the full-precision tensor is released with ``tensor``
+        converted = staging[: tensor.numel()].view(tensor.shape)
+        converted.copy_(tensor)
+        weight = Params4bit(converted, requires_grad=False, compress_statistics=True, quant_type="nf4", module=module)
+        module.weight = weight.to(device)  # quantizes: the parameter now owns only its packed 4-bit data
     else:
-        setattr(module, attribute, nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
+        owned = tensor.to(device=device, dtype=staging.dtype, copy=True)  # tensor is a view of the read buffer
+        setattr(module, attribute, nn.Parameter(owned, requires_grad=False))

@@ -83,13 +83,13 @@ def test_adapters_train_on_a_4bit_llm_and_leave_it_untouched(weights_folder, ada
     assert last < 0.75 * first, log.losses
 
 
-def test_quantization_without_weights_or_of_a_gguf_is_refused(tmp_path):
+def test_quantization_without_weights_or_int8_of_a_gguf_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="quantization 'nf4' needs weights to quantize"):
         load_llm(LLMSpec(config=TINY_LLM, quantization="nf4"))
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF" + bytes(64))
-    with pytest.raises(ConfigError, match="cannot load a GGUF file with bitsandbytes quantization"):
-        load_llm(LLMSpec(path=str(gguf), quantization="nf4"))
+    with pytest.raises(ConfigError, match="cannot load a GGUF file with bitsandbytes 8-bit quantization"):
+        load_llm(LLMSpec(path=str(gguf), quantization="int8"))
 
 
 def test_paged_optimizer_on_cpu_is_refused_and_8bit_runs():
@@ -121,3 +121,16 @@ def test_streaming_nf4_load_equals_transformers_own_4bit_load(weights_folder):
     tokens = torch.tensor([[1, 40, 41, 42, 43]])
     with torch.no_grad():
         assert torch.equal(ours(tokens).logits, reference(tokens).logits)
+
+
+def test_quantizing_a_loaded_model_equals_the_streaming_load(weights_folder):
+    """The path GGUF backbones take (dense in memory, then NF4) gives what the streaming load gives."""
+    from mma.backbones.quantize import load_nf4, quantize_in_place
+
+    dense, _ = load_llm(LLMSpec(path=str(weights_folder)))
+    quantize_in_place(dense, torch.float32)
+    streamed = load_nf4(weights_folder, torch.float32)
+    dense_state, streamed_state = dense.state_dict(), streamed.state_dict()
+    assert set(dense_state) == set(streamed_state)
+    for name, tensor in streamed_state.items():
+        assert torch.equal(dense_state[name], tensor), name

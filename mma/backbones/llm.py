@@ -18,7 +18,7 @@ from transformers import (
 )
 
 from mma.backbones.files import check_exists, check_gguf, read_safetensors_header, resolve_path
-from mma.backbones.quantize import load_nf4
+from mma.backbones.quantize import load_nf4, quantize_in_place
 from mma.backbones.tokenizer import byte_tokenizer
 from mma.errors import BackboneError, ConfigError
 
@@ -109,9 +109,13 @@ def llm_config(spec: LLMSpec) -> LlamaConfig:
 def load_llm(spec: LLMSpec, device: str | torch.device = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load (or, on ``device="meta"``, only shape) the LM and its tokenizer, frozen and in eval mode."""
     dtype = torch_dtype(spec.dtype)
-    if spec.path is not None and str(device) != "meta" and spec.quantization == "nf4" and not _is_gguf(spec.path):
+    if spec.path is not None and str(device) != "meta" and spec.quantization == "nf4":
         check_bitsandbytes(torch.device(device))
-        model = load_nf4(_locate(spec.path)[0], dtype, device)
+        if _is_gguf(spec.path):  # transformers unpacks GGUF to dense weights; quantize those
+            model = _from_weights(spec.path, dtype, None)
+            quantize_in_place(model, dtype, device)
+        else:
+            model = load_nf4(_locate(spec.path)[0], dtype, device)
     elif spec.path is not None and str(device) != "meta":
         model = _from_weights(spec.path, dtype, quantization_config(spec, device))
     else:
@@ -193,8 +197,8 @@ def _from_weights(path: str, dtype: torch.dtype, quantization: BitsAndBytesConfi
     folder, gguf_file = _locate(path)
     if gguf_file is not None and quantization is not None:
         raise ConfigError(
-            f"{path}: transformers cannot load a GGUF file with bitsandbytes quantization; load it once without "
-            "quantization and save_pretrained it to a folder, then quantize that folder"
+            f"{path}: transformers cannot load a GGUF file with bitsandbytes 8-bit quantization; use nf4, or save "
+            "the model to a folder first"
         )
     return AutoModelForCausalLM.from_pretrained(
         folder,

@@ -51,7 +51,9 @@ def load_nf4(folder: Path, dtype: torch.dtype, device: str | torch.device = "cpu
     return model
 
 
-def _quantizable_linears_to_4bit(block: nn.Module, dtype: torch.dtype) -> None:
+def _quantizable_linears_to_4bit(block: nn.Module, dtype: torch.dtype) -> dict[str, nn.Linear]:
+    """Replace every ``nn.Linear`` in ``block`` by an empty (meta) ``Linear4bit``; return the replaced linears."""
+    replaced = {}
     for name, module in list(block.named_modules()):
         if isinstance(module, nn.Linear):
             parent, _, child = name.rpartition(".")
@@ -65,6 +67,23 @@ def _quantizable_linears_to_4bit(block: nn.Module, dtype: torch.dtype) -> None:
                 device="meta",
             )
             setattr(block.get_submodule(parent), child, quantized)
+            replaced[name] = module
+    return replaced
+
+
+def quantize_in_place(model: PreTrainedModel, dtype: torch.dtype, device: str | torch.device = "cpu") -> None:
+    """NF4 for the decoder linears of a model already in memory (e.g. a GGUF file transformers dequantized).
+
+    The same quantization as ``load_nf4``: what a small model loaded this way holds equals what ``load_nf4`` makes
+    of the same weights saved to a folder.
+    """
+    for index, layer in enumerate(model.model.layers):
+        for name, linear in _quantizable_linears_to_4bit(layer, dtype).items():
+            staging = torch.empty(linear.weight.numel(), dtype=dtype)
+            _assign(model, f"model.layers.{index}.{name}.weight", linear.weight.detach(), staging, device)
+            if linear.bias is not None:
+                quantized = layer.get_submodule(name)
+                quantized.bias = nn.Parameter(linear.bias.detach().to(device=device, dtype=dtype), requires_grad=False)
 
 
 def _weight_files(folder: Path) -> list[Path]:

@@ -1,5 +1,5 @@
 """The ``mma`` command: LightningCLI's fit / validate / test / predict, plus ``params``, ``demo``, ``export``,
-``ask`` and ``merge``."""
+``ask``, ``merge`` and ``sweep``."""
 
 import logging
 import sys
@@ -65,6 +65,10 @@ def main(argv: list[str] | None = None) -> None:
             from mma.commands.merge import merge_command
 
             merge_command(argv[1:])
+        elif argv[:1] == ["sweep"]:
+            from mma.commands.sweep import sweep_command
+
+            sweep_command(argv[1:])
         else:
             MMACLI(args=argv)
     except MMAError as err:

@@ -2,31 +2,29 @@
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 
-class EpochSampler(Sampler[int]):
+class EpochSampler(DistributedSampler):
     """Shuffles by (seed, epoch), so every epoch's order is known in advance, and can start part-way through.
 
-    Lightning calls ``set_epoch`` before each epoch; ``skip`` drops the first indices of the next pass only
-    (the batches a resumed run has already trained on).
+    With ``num_replicas`` processes, rank ``r`` takes positions ``r, r + n, ...`` of that order (padded by
+    repeating its start to a multiple of ``n``): together the ranks' batches of ``b`` are the single-process
+    batches of ``n * b``. Being a ``DistributedSampler``, Lightning leaves it in place instead of wrapping it.
+    Lightning calls ``set_epoch`` before each epoch; ``skip`` drops this rank's first indices of the next pass
+    only (the batches a resumed run has already trained on).
     """
 
-    def __init__(self, size: int, seed: int, shuffle: bool = True) -> None:
-        self.size, self.seed, self.shuffle = size, seed, shuffle
-        self.epoch, self.skip = 0, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.size
+    def __init__(self, size: int, seed: int, shuffle: bool = True, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.size, self.skip = size, 0
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(self.size, generator=generator) if self.shuffle else torch.arange(self.size)
+        order = torch.cat([order, order[: self.total_size - self.size]])
         skip, self.skip = self.skip, 0
-        return iter(order[skip:].tolist())
+        return iter(order[self.rank :: self.num_replicas][skip:].tolist())
 
 
 class MMADataModule(L.LightningDataModule):
@@ -44,8 +42,9 @@ class MMADataModule(L.LightningDataModule):
         self._resume_batches = 0
 
     def train_loader(self, dataset: Dataset) -> DataLoader:
-        sampler = EpochSampler(len(dataset), self.seed)
-        sampler.skip = (self._resume_batches * self.batch_size) % len(dataset)
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        sampler = EpochSampler(len(dataset), self.seed, num_replicas=world, rank=rank)
+        sampler.skip = (self._resume_batches * self.batch_size) % len(sampler)
         self._resume_batches = 0
         return self._loader(dataset, self.batch_size, sampler)
 

@@ -1,0 +1,205 @@
+"""Sweep files: a base recipe and the overrides that turn it into runs, every run checked before any starts.
+
+A run is the recipe parsed by the ``mma`` command's own LightningCLI parser with the run's overrides as its dotted
+command-line options, so a sweep accepts exactly what ``mma fit`` accepts and rejects the rest by name.
+"""
+
+import contextlib
+import dataclasses
+import hashlib
+import io
+import itertools
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jsonargparse import ArgumentError, ArgumentParser
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from omegaconf import OmegaConf
+
+from mma.adapters import get_adapter
+from mma.build import load_preset
+from mma.errors import ConfigError, MMAError
+
+MODES = ("train", "params")
+# ``adapter_config`` is a free mapping to the CLI parser: a dotted option below it would arrive as a string, so
+# such keys are merged into the whole mapping here and checked against the adapter's own config dataclass.
+ADAPTER_CONFIG = "model.model.adapter_config"
+
+
+@dataclass
+class SweepSpec:
+    """A sweep file, ``experiments/<name>/sweep.yaml``. Keys below are dotted recipe keys (``trainer.max_steps``),
+    each set to its value as a whole (a mapping replaces the recipe's mapping); ``recipe`` picks the base recipe.
+
+    Args:
+        recipe: base recipe, relative to the working directory; a run or grid may set another with ``recipe``.
+        mode: ``train`` fits, tests and exports every run; ``params`` only counts parameters on the meta device.
+        overrides: keys set in every run.
+        runs: named runs, each ``{name: ..., <key>: value, ...}``; without any, one run named ``base``.
+        grid: key -> list of values; every run is crossed with every combination.
+        baseline: name of the run whose training step time ``step_time_ratio`` divides by.
+        plot_metrics: metrics drawn against trainable parameters and against step time.
+    """
+
+    recipe: str | None = None
+    mode: str = "train"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    grid: dict[str, list] = field(default_factory=dict)
+    baseline: str | None = None
+    plot_metrics: list[str] = field(default_factory=lambda: ["test/all"])
+
+
+@dataclass(frozen=True)
+class Point:
+    """One run of a sweep before it is checked: its name, base recipe and overrides in the order they apply."""
+
+    name: str
+    recipe: str
+    settings: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Run:
+    """A checked run: ``args`` reproduce it with ``mma fit --config RECIPE ARGS``; ``key`` names its folder."""
+
+    name: str
+    recipe: str
+    args: list[str]
+    config: dict
+    key: str
+
+
+def load_sweep(path: str | Path) -> SweepSpec:
+    """Read a sweep file (OmegaConf interpolation allowed); an unknown top-level key or mode is named."""
+    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"sweep {path} is not a mapping")
+    known = {f.name for f in dataclasses.fields(SweepSpec)}
+    if unknown := sorted(set(raw) - known):
+        raise ConfigError(f"sweep {path} has unknown key(s) {unknown}; known: {sorted(known)}")
+    spec = SweepSpec(**raw)
+    if spec.mode not in MODES:
+        raise ConfigError(f"sweep {path}: mode {spec.mode!r} is not one of {MODES}")
+    if not all(isinstance(values, list) and values for values in spec.grid.values()):
+        raise ConfigError(f"sweep {path}: every grid key needs a non-empty list of values")
+    return spec
+
+
+def _label(value: Any) -> str:
+    """Short text of a grid value for a run name (a recipe path shows as its file stem)."""
+    if isinstance(value, str) and value.endswith((".yaml", ".yml")):
+        return Path(value).stem
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def expand(spec: SweepSpec) -> list[Point]:
+    """Every run crossed with every grid combination, named ``run key=value ...``; names must be unique."""
+    runs = spec.runs or [{"name": "base"}]
+    if any("name" not in run for run in runs):
+        raise ConfigError("every entry of 'runs' needs a 'name'")
+    combos = [dict(zip(spec.grid, values, strict=True)) for values in itertools.product(*spec.grid.values())]
+    points = []
+    for run, combo in itertools.product(runs, combos):
+        settings = {**spec.overrides, **{k: v for k, v in run.items() if k != "name"}, **combo}
+        name = " ".join([run["name"], *(f"{key.rsplit('.', 1)[-1]}={_label(v)}" for key, v in combo.items())])
+        recipe = settings.pop("recipe", spec.recipe)
+        if recipe is None:
+            raise ConfigError(f"run {name!r} has no recipe: set 'recipe' at the top or in the run")
+        points.append(Point(name, str(recipe), settings))
+    names = [p.name for p in points]
+    if duplicates := sorted({n for n in names if names.count(n) > 1}):
+        raise ConfigError(f"run names repeat: {duplicates}")
+    return points
+
+
+def cli_value(value: Any) -> str:
+    """A value as the CLI parser reads it: strings as they are, everything else as JSON (YAML flow)."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def parse(recipe: str, args: list[str]):
+    """``mma.cli.config_cli`` with its exits and instantiation errors turned into one ``ConfigError`` line."""
+    from mma.cli import config_cli
+
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            return config_cli(recipe, args)
+    except SystemExit:
+        message = stderr.getvalue().rpartition("error: ")[2].strip() or "the recipe does not parse"
+        raise ConfigError(" ".join(message.split())) from None
+    except (MMAError, MisconfigurationException, ValueError, TypeError) as err:
+        raise ConfigError(str(err)) from None
+
+
+def typed_adapter_settings(adapter: str, settings: dict) -> dict:
+    """``settings`` checked against the adapter's config dataclass: unknown keys and wrong types are named, and
+    every default is filled in."""
+    method = get_adapter(adapter)
+    method.make_config(settings)
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(method.config_cls)
+    try:
+        namespace = parser.parse_object(settings)
+    except ArgumentError as err:  # its message names the key
+        raise ConfigError(f"adapter {adapter!r}: {' '.join(str(err).split())}") from None
+    return json.loads(parser.dump(namespace, format="json"))
+
+
+def resolve(point: Point) -> Run:
+    """Parse ``point`` like ``mma fit`` would, with its adapter settings typed; errors name the run and key."""
+    try:
+        adapter_keys = {k: v for k, v in point.settings.items() if k.startswith(f"{ADAPTER_CONFIG}.")}
+        args = [f"--{k}={cli_value(v)}" for k, v in point.settings.items() if k not in adapter_keys]
+        model_config = parse(point.recipe, args).model.model_config
+        settings = {
+            **load_preset(model_config.adapter_config),
+            **{k.removeprefix(f"{ADAPTER_CONFIG}."): v for k, v in adapter_keys.items()},
+        }
+        args.append(f"--{ADAPTER_CONFIG}={json.dumps(typed_adapter_settings(model_config.adapter, settings))}")
+        cli = parse(point.recipe, args)
+    except ConfigError as err:
+        raise ConfigError(f"run {point.name!r}: {err}") from None
+    if cli.trainer.world_size > 1:
+        raise ConfigError(
+            f"run {point.name!r}: a sweep runs its runs in one process; run multi-process strategies with mma fit"
+        )
+    config = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))
+    return Run(point.name, point.recipe, args, config, config_key(config))
+
+
+def config_key(config: dict) -> str:
+    """12 hex digits of the SHA-256 of the resolved config: the run's identity and folder name."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Lightning's info lines off: every parse builds a Trainer, which logs its devices and seed."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def resolve_all(spec: SweepSpec) -> list[Run]:
+    """Every run of the sweep, checked; the first bad key stops the sweep before any run starts."""
+    with quiet_lightning():
+        runs = [resolve(point) for point in expand(spec)]
+    keys = [run.key for run in runs]
+    if same := sorted({run.name for run in runs if keys.count(run.key) > 1}):
+        raise ConfigError(f"runs {same} resolve to the same config")
+    if spec.baseline is not None and spec.baseline not in {run.name for run in runs}:
+        raise ConfigError(f"baseline {spec.baseline!r} is not the name of a run")
+    return runs

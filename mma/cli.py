@@ -1,6 +1,7 @@
 """The ``mma`` command: LightningCLI's fit / validate / test / predict, plus ``params``, ``demo``, ``export``,
 ``ask``, ``merge`` and ``sweep``."""
 
+import importlib
 import logging
 import sys
 import warnings
@@ -39,36 +40,19 @@ def config_cli(config: str, overrides: list[str] | None = None) -> MMACLI:
     return MMACLI(args=["--config", config, *(overrides or [])], run=False)
 
 
+# Subcommands beyond LightningCLI's own; each is ``mma.commands.<name>.<name>_command(argv)``.
+SUBCOMMANDS = ("params", "demo", "export", "ask", "merge", "sweep")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # Frozen backbones stay in eval mode on purpose; Lightning warns about that at every fit.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     try:
-        if argv[:1] == ["params"]:
-            from mma.commands.params import params_command
-
-            params_command(argv[1:])
-        elif argv[:1] == ["demo"]:
-            from mma.commands.demo import demo_command
-
-            demo_command(argv[1:])
-        elif argv[:1] == ["export"]:
-            from mma.commands.export import export_command
-
-            export_command(argv[1:])
-        elif argv[:1] == ["ask"]:
-            from mma.commands.ask import ask_command
-
-            ask_command(argv[1:])
-        elif argv[:1] == ["merge"]:
-            from mma.commands.merge import merge_command
-
-            merge_command(argv[1:])
-        elif argv[:1] == ["sweep"]:
-            from mma.commands.sweep import sweep_command
-
-            sweep_command(argv[1:])
+        if argv and argv[0] in SUBCOMMANDS:
+            # Imported on demand: `mma params` should not pay for loading the sweep or merge machinery.
+            getattr(importlib.import_module(f"mma.commands.{argv[0]}"), f"{argv[0]}_command")(argv[1:])
         else:
             MMACLI(args=argv)
     except MMAError as err:

@@ -77,3 +77,14 @@ def test_unknown_adapter_and_setting_are_named():
         get_adapter("lavinn")
     with pytest.raises(ConfigError, match=r"adapter 'lavin' has no setting\(s\) \['rank'\]"):
         get_adapter("lavin").make_config({"rank": 4})
+
+
+def test_settings_given_as_text_are_typed_and_wrong_types_named():
+    """CLI overrides such as ``--model.model.adapter_config.temperature 5`` arrive as text."""
+    config = get_adapter("lavin").make_config({"temperature": "5", "hidden": "16", "router": "false"})
+    assert config.temperature == 5.0 and isinstance(config.temperature, float)
+    assert config.hidden == 16 and config.router is False
+    with pytest.raises(ConfigError, match="setting 'temperature' must be float, got 'hot'"):
+        get_adapter("lavin").make_config({"temperature": "hot"})
+    with pytest.raises(ConfigError, match="setting 'hidden' must be int, got 8.5"):
+        get_adapter("lavin").make_config({"hidden": 8.5})

@@ -96,7 +96,7 @@ def test_interrupted_sweep_resumes_without_repeating_finished_runs(tmp_path, mon
     [
         ("model.model.adaptr", "lora", "model.model.adaptr"),
         ("trainer.max_steps", "many", "trainer.max_steps"),
-        ("model.model.adapter_config.temperature", "hot", '"temperature"'),
+        ("model.model.adapter_config.temperature", "hot", "setting 'temperature' must be float"),
         ("model.model.adapter_config.temprature", 5, "['temprature']"),
     ],
 )

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+import yaml
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
@@ -32,13 +33,32 @@ class AdapterMethod:
     attach: Callable[[Any, Any], None]
 
     def make_config(self, options: dict | None = None) -> Any:
-        """Typed config from a plain dict; an unknown key is an error that names it."""
+        """Typed config from a plain dict; an unknown key or a value of the wrong type is an error naming it.
+
+        Numbers and booleans given as text (``--model.model.adapter_config.temperature 5`` arrives as ``"5"``)
+        are read as YAML scalars first.
+        """
         options = dict(options or {})
-        known = {f.name for f in dataclasses.fields(self.config_cls)}
-        unknown = sorted(set(options) - known)
+        fields = {f.name: f.type for f in dataclasses.fields(self.config_cls)}
+        unknown = sorted(set(options) - set(fields))
         if unknown:
-            raise ConfigError(f"adapter {self.name!r} has no setting(s) {unknown}; known: {sorted(known)}")
+            raise ConfigError(f"adapter {self.name!r} has no setting(s) {unknown}; known: {sorted(fields)}")
+        for name, value in options.items():
+            options[name] = _typed(self.name, name, value, fields[name])
         return self.config_cls(**options)
+
+
+def _typed(adapter: str, name: str, value: Any, kind: Any) -> Any:
+    """``value`` as a ``kind`` scalar (bool, int, float, str); other kinds pass through unchecked."""
+    if kind not in (bool, int, float, str):
+        return value
+    if isinstance(value, str) and kind is not str:
+        value = yaml.safe_load(value)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"adapter {adapter!r} setting {name!r} must be {kind.__name__}, got {value!r}")
+    return value
 
 
 _REGISTRY: dict[str, AdapterMethod] = {}

@@ -4,6 +4,7 @@ import logging
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
 from mma.backbones import LLMSpec, ViTSpec
@@ -24,6 +25,16 @@ TINY_LLM = dict(
 TINY_VIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2)
 
 logging.getLogger("mma").setLevel(logging.ERROR)
+
+
+class LossLog(Callback):
+    """Records the training loss of every step, for tests that check it goes down."""
+
+    def __init__(self) -> None:
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
 
 
 def tiny_config(adapter: str = "lavin", **adapter_config) -> ModelConfig:

@@ -7,8 +7,7 @@ import lightning as L
 import pytest
 import torch
 from bitsandbytes.nn import Linear4bit
-from conftest import TINY_LLM, tiny_config
-from lightning.pytorch.callbacks import Callback
+from conftest import TINY_LLM, LossLog, tiny_config
 
 from mma.backbones import LLMSpec, load_llm
 from mma.data import SyntheticVQADataModule
@@ -47,14 +46,6 @@ def test_nf4_logits_stay_close_to_full_precision(weights_folder):
     assert difference.max() > 0  # it really is quantized
 
 
-class _LossLog(Callback):
-    def __init__(self) -> None:
-        self.losses = []
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        self.losses.append(float(outputs["loss"]))
-
-
 @pytest.mark.parametrize("adapter", ["lora", "lavin"])
 def test_adapters_train_on_a_4bit_llm_and_leave_it_untouched(weights_folder, adapter):
     L.seed_everything(0, verbose=False)
@@ -63,7 +54,7 @@ def test_adapters_train_on_a_4bit_llm_and_leave_it_untouched(weights_folder, ada
     packed = {n: p.detach().clone() for n, p in module.named_parameters() if p.dtype == torch.uint8}
     assert packed  # the LLM's linears are 4-bit
     trainable = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
-    log = _LossLog()
+    log = LossLog()
     data = SyntheticVQADataModule(train_size=8, image_size=32, batch_size=8)
     trainer = L.Trainer(
         accelerator="cpu",

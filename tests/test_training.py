@@ -3,7 +3,7 @@
 import lightning as L
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import LossLog, tiny_config
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from mma.data import SyntheticVQADataModule
@@ -50,20 +50,12 @@ def _every_step(tmp_path) -> ModelCheckpoint:
     return ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1, save_last=True, filename="{step}")
 
 
-class _LossLog(Callback):
-    def __init__(self) -> None:
-        self.losses = []
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        self.losses.append(float(outputs["loss"]))
-
-
 def test_loss_goes_down_and_only_adapters_change(tmp_path):
     L.seed_everything(0, verbose=False)
     reference = MMAModule(tiny_config(), max_length=192)
     reference.configure_model()
     before = {k: v.clone() for k, v in reference.state_dict().items()}
-    log = _LossLog()
+    log = LossLog()
     module = _run(tmp_path, max_steps=40, train_size=8, callbacks=[log], enable_checkpointing=False, lr=3e-2)
     after = module.state_dict()
     trainable = set(_trainable(module))
@@ -141,7 +133,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def test_bf16_mixed_and_activation_checkpointing_train(tmp_path):
-    log = _LossLog()
+    log = LossLog()
     L.seed_everything(0, verbose=False)
     module = MMAModule(tiny_config(), OptimizerConfig(lr=1e-2), max_length=192, activation_checkpointing=True)
     data = SyntheticVQADataModule(train_size=8, image_size=32, batch_size=4)

@@ -27,6 +27,7 @@ from mma.adapters import adapter_parameter_names, get_adapter
 from mma.backbones import LLMSpec, ViTSpec
 from mma.backbones.files import read_safetensors_header
 from mma.build import ModelConfig, build_model, load_preset
+from mma.data.collate import ANSWER_SEPARATOR, IMAGE_PREFIX, PROMPT_SEPARATOR, TEXT_PREFIX
 from mma.card import adapter_card
 from mma.errors import AdapterError, BackboneError, ConfigError
 from mma.fingerprint import backbone_identity, check_backbones
@@ -38,10 +39,11 @@ CARD_FILE = "README.md"
 FORMAT = "mma-adapter"
 FORMAT_VERSION = 1
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
-# The token layout the collator builds (``mma.data.collate``); a model that reads other prompts needs a new layout.
+# The token layout the collator builds, from its own constants (``mma.data.collate``).
+_TAIL = f"{PROMPT_SEPARATOR!r} prompt {ANSWER_SEPARATOR!r} answer [EOS]"
 SEQUENCE_LAYOUT = {
-    "image": "[modality] [BOS] 'Image: ' [visual tokens] '\\n' prompt ' ' answer [EOS]",
-    "text": "[modality] [BOS] 'Image: N/A' '\\n' prompt ' ' answer [EOS]",
+    "image": f"[modality] [BOS] {IMAGE_PREFIX!r} [visual tokens] {_TAIL}",
+    "text": f"[modality] [BOS] {TEXT_PREFIX!r} {_TAIL}",
 }
 
 

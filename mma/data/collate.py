@@ -15,6 +15,8 @@ from mma.errors import DataError
 from mma.model import IGNORE_INDEX, IMAGE_SLOT, MODALITY_SLOT
 
 _TENSOR_KEYS = ("prompt", "image", "answer", "candidates")
+# The text around a sample in LaVIN's layout (see ``mma.model``); exported adapters record it.
+IMAGE_PREFIX, TEXT_PREFIX, PROMPT_SEPARATOR, ANSWER_SEPARATOR = "Image: ", "Image: N/A", "\n", " "
 
 
 class VLMCollator:
@@ -34,8 +36,8 @@ class VLMCollator:
         self.max_length = max_length
         encode = self._encode
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        self._image_prefix = bos + encode("Image: ") + [IMAGE_SLOT] * num_visual_tokens
-        self._text_prefix = bos + encode("Image: N/A")
+        self._image_prefix = bos + encode(IMAGE_PREFIX) + [IMAGE_SLOT] * num_visual_tokens
+        self._text_prefix = bos + encode(TEXT_PREFIX)
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
@@ -60,8 +62,8 @@ class VLMCollator:
 
     def _sequence(self, sample: dict, answer: str | None) -> tuple[list[int], list[int]]:
         prefix = self._image_prefix if sample["image"] is not None else self._text_prefix
-        prompt = prefix + self._encode("\n" + sample["prompt"])
-        target = self._encode(" " + answer) + [self.tokenizer.eos_token_id] if answer is not None else []
+        prompt = prefix + self._encode(PROMPT_SEPARATOR + sample["prompt"])
+        target = self._encode(ANSWER_SEPARATOR + answer) + [self.tokenizer.eos_token_id] if answer is not None else []
         ids = (prompt + target)[: self.max_length - int(self.modality_token)]
         labels = ([IGNORE_INDEX] * len(prompt) + target)[: len(ids)]
         if answer is not None and all(label == IGNORE_INDEX for label in labels):

@@ -27,8 +27,8 @@ from mma.adapters import adapter_parameter_names, get_adapter
 from mma.backbones import LLMSpec, ViTSpec
 from mma.backbones.files import read_safetensors_header
 from mma.build import ModelConfig, build_model, load_preset
-from mma.data.collate import ANSWER_SEPARATOR, IMAGE_PREFIX, PROMPT_SEPARATOR, TEXT_PREFIX
 from mma.card import adapter_card
+from mma.data.collate import ANSWER_SEPARATOR, IMAGE_PREFIX, PROMPT_SEPARATOR, TEXT_PREFIX
 from mma.errors import AdapterError, BackboneError, ConfigError
 from mma.fingerprint import backbone_identity, check_backbones
 from mma.model import VisionLanguageModel, VisualConfig

@@ -94,6 +94,7 @@ def prompt_format(model: VisionLanguageModel, max_length: int) -> dict:
         "layout": SEQUENCE_LAYOUT,
         "modality_token": model.modality_embedding is not None,
         "visual_tokens": model.num_visual_tokens,
+        "visual_tokens_in_sequence": model.visual_in_sequence,  # False: early fusion into the adapter layers
         "image_size": list(model.vit.patch_embed.img_size),
         "max_length": max_length,
     }

@@ -2,7 +2,7 @@
 
 A fingerprint hashes what the adapter depends on: the backbone's parameter names, shapes and dtypes
 (``structure``) and their bytes (``values``), as the bare backbone has them: adapter parameters are left out and
-``AdaptedNorm`` wrapping is undone, so an adapted model and the untouched backbone give the same fingerprint.
+adapter wrappers are seen through, so an adapted model and the untouched backbone give the same fingerprint.
 The tokenizer is fingerprinted by its vocabulary and special tokens. An adapter records its backbones' names,
 architectures and fingerprints at export and checks them when loaded.
 """
@@ -18,7 +18,6 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from mma.adapters import adapter_parameter_names
-from mma.adapters.layers import AdaptedNorm
 from mma.backbones import LLMSpec, ViTSpec
 from mma.build import ModelConfig
 from mma.errors import BackboneMismatch
@@ -45,8 +44,8 @@ def backbone_parameters(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def _inner(module: nn.Module) -> str | None:
     """The attribute under which an adapter wrapper keeps the backbone's own module, if ``module`` is one."""
-    if isinstance(module, AdaptedNorm):
-        return "norm"
+    if wraps := getattr(module, "wraps", None):  # mma's wrappers (mma.adapters.layers)
+        return wraps
     if isinstance(module, BaseTunerLayer):
         return "base_layer"
     return None

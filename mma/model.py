@@ -7,6 +7,11 @@ the same index for every row::
     [modality] [pad ...] [BOS] "Image: N/A" "\\n" prompt [answer EOS]          (text-only: no ViT pass)
 
 The modality token is attended by no other position, so it changes nothing but the routers that read it.
+
+An adapter with early fusion (LLaMA-Adapter V2) takes the visual tokens out of the sequence: the ``"Image: "``
+prefix stays, the slots go, and the tokens reach the adapted attention layers as the keyword arguments
+``VISUAL_TOKENS`` (B, n_vis, d; zeros for text-only rows) and ``HAS_IMAGE`` (B,), which transformers passes from
+the decoder down to every attention module.
 """
 
 from dataclasses import dataclass
@@ -19,7 +24,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from mma.adapters import set_train_mode
-from mma.adapters.lavin import cached_routing
+from mma.adapters.base import HAS_IMAGE, VISUAL_TOKENS, generation_caches
 from mma.errors import ConfigError
 
 MODALITY_SLOT = -1  # input id placeholder for the modality token
@@ -87,6 +92,7 @@ class VisionLanguageModel(nn.Module):
         self.visual = visual
         self.projector = Projector(vit.embed_dim, visual.projector_hidden, llm.config.hidden_size)
         self.modality_embedding: ModalityEmbedding | None = None
+        self.visual_in_sequence = True
         self.projector.to(llm.device)
         self._check_visual_config()
 
@@ -99,6 +105,15 @@ class VisionLanguageModel(nn.Module):
     def enable_modality_token(self) -> None:
         if self.modality_embedding is None:
             self.modality_embedding = ModalityEmbedding(self.llm.config.hidden_size).to(self.llm.device)
+
+    def fuse_visual_into_adapters(self) -> None:
+        """Visual tokens leave the sequence and go to the adapter layers as keyword arguments (early fusion)."""
+        self.visual_in_sequence = False
+
+    @property
+    def sequence_visual_tokens(self) -> int:
+        """Visual token slots each image sample has in the LLM sequence (0 under early fusion)."""
+        return self.num_visual_tokens if self.visual_in_sequence else 0
 
     @property
     def num_visual_tokens(self) -> int:
@@ -130,21 +145,29 @@ class VisionLanguageModel(nn.Module):
 
     def embed(
         self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, has_image: torch.Tensor
-    ) -> torch.Tensor:
-        """Token embeddings with the visual tokens and the modality token written into their slots.
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Token embeddings with the modality token and (unless fused into adapters) the visual tokens written
+        into their slots, and the keyword arguments the LLM's layers get.
 
-        input_ids (B, T) holding IMAGE_SLOT / MODALITY_SLOT placeholders -> (B, T, d).
+        input_ids (B, T) holding IMAGE_SLOT / MODALITY_SLOT placeholders -> (B, T, d), {name: tensor}.
         """
         embeddings = self.llm.get_input_embeddings()(input_ids.clamp(min=0))
+        layer_inputs = {}
         if pixel_values is not None and pixel_values.shape[0] > 0:
             visual = self.encode_images(pixel_values).to(embeddings.dtype)  # (N_img, n_vis, d)
-            slots = (input_ids == IMAGE_SLOT).unsqueeze(-1)
-            embeddings = embeddings.masked_scatter(slots, visual)
+            if self.visual_in_sequence:
+                slots = (input_ids == IMAGE_SLOT).unsqueeze(-1)
+                embeddings = embeddings.masked_scatter(slots, visual)
+            else:
+                rows = visual.new_zeros(input_ids.shape[0], *visual.shape[1:]).index_copy(
+                    0, has_image.nonzero().flatten(), visual
+                )
+                layer_inputs = {VISUAL_TOKENS: rows, HAS_IMAGE: has_image}
         if self.modality_embedding is not None:
             modality = self.modality_embedding(has_image.long()).to(embeddings.dtype)  # (B, d)
             is_slot = (input_ids == MODALITY_SLOT).unsqueeze(-1)
             embeddings = torch.where(is_slot, modality[:, None], embeddings)
-        return embeddings
+        return embeddings, layer_inputs
 
     def attention_mask(self, valid: torch.Tensor, query_length: int | None = None) -> torch.Tensor:
         """Boolean (B, 1, Q, K) mask, True where a query may attend a key.
@@ -174,12 +197,13 @@ class VisionLanguageModel(nn.Module):
     def hidden_states(self, batch: dict) -> torch.Tensor:
         """Last-layer hidden states (B, T, d) of the full sequences in ``batch``."""
         valid = batch["attention_mask"].bool()
-        embeddings = self.embed(batch["input_ids"], batch.get("pixel_values"), batch["has_image"])
+        embeddings, layer_inputs = self.embed(batch["input_ids"], batch.get("pixel_values"), batch["has_image"])
         out = self.llm.get_decoder()(
             inputs_embeds=embeddings,
             attention_mask=self.attention_mask(valid),
             position_ids=self.position_ids(valid),
             use_cache=False,
+            **layer_inputs,
         )
         return out.last_hidden_state
 
@@ -214,16 +238,17 @@ class VisionLanguageModel(nn.Module):
         """Greedy decoding of the prompts in ``batch`` (left-padded, no labels). Returns new token ids per row,
         cut at the first EOS (``stop_at_eos=False`` always decodes ``max_new_tokens`` steps, for benchmarks).
 
-        With ``use_cache`` the prompt is run once and each step feeds one token; routing weights are computed
-        at prefill and reused. Without it every step re-runs the whole sequence (the reference for tests).
+        With ``use_cache`` the prompt is run once and each step feeds one token; routing weights and prompt
+        keys/values are computed at prefill and reused. Without it every step re-runs the whole sequence (the
+        reference for tests).
         """
         valid = batch["attention_mask"].bool()
-        embeddings = self.embed(batch["input_ids"], batch.get("pixel_values"), batch["has_image"])
+        embeddings, layer_inputs = self.embed(batch["input_ids"], batch.get("pixel_values"), batch["has_image"])
         eos = self.tokenizer.eos_token_id
         finished = torch.zeros(valid.shape[0], dtype=torch.bool, device=valid.device)
         cache = DynamicCache(config=self.llm.config) if use_cache else None
         new_tokens, step_input, query_length = [], embeddings, None
-        with cached_routing(self.llm):
+        with generation_caches(self.llm):
             for _ in range(max_new_tokens):
                 out = self.llm(
                     inputs_embeds=step_input,
@@ -232,6 +257,7 @@ class VisionLanguageModel(nn.Module):
                     past_key_values=cache,
                     use_cache=use_cache,
                     logits_to_keep=1,
+                    **layer_inputs,
                 )
                 token = out.logits[:, -1].argmax(-1).masked_fill(finished, eos)  # (B,)
                 new_tokens.append(token)

@@ -16,10 +16,11 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 )
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
+from mma.adapters.base import source_parameters
 from mma.build import ModelConfig, build_model
 from mma.checkpoint import AdapterSource, load_adapter
 from mma.data.collate import VLMCollator
-from mma.errors import ConfigError, TrainingDiverged
+from mma.errors import ConfigError, DataError, TrainingDiverged
 from mma.evaluate import parse_answer, resolve_unparseable
 from mma.metrics import GroupedAccuracy, choose_options
 from mma.model import VisionLanguageModel
@@ -69,6 +70,7 @@ class MMAModule(L.LightningModule):
         self.model: VisionLanguageModel | None = None
         # Checkpoints hold only the trainable weights; ``on_load_checkpoint`` checks their keys exactly instead.
         self.strict_loading = False
+        self._backward_inputs: list[torch.nn.Parameter] | None = None
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -96,7 +98,7 @@ class MMAModule(L.LightningModule):
         return VLMCollator(
             self.model.tokenizer,
             transform=create_transform(**self.image_data_config()),
-            num_visual_tokens=self.model.num_visual_tokens,
+            num_visual_tokens=self.model.sequence_visual_tokens,
             modality_token=self.model.modality_embedding is not None,
             max_length=self.hparams.max_length,
         )
@@ -114,6 +116,7 @@ class MMAModule(L.LightningModule):
         self.model.train()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self._backward_inputs = self._source_parameters(batch)
         loss = self.model.loss(batch)
         if not torch.isfinite(loss):
             raise TrainingDiverged(
@@ -122,6 +125,30 @@ class MMAModule(L.LightningModule):
             )
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
+
+    def _source_parameters(self, batch: dict) -> list[torch.nn.Parameter] | None:
+        """Joint training: the parameters a batch from one data source trains; None (all) for unlabelled data."""
+        if "source" not in batch:
+            return None
+        sources = set(batch["source"])
+        if len(sources) != 1:
+            raise DataError(
+                f"a training batch mixes data sources {sorted(sources)}; joint training needs one per batch"
+            )
+        source = sources.pop()
+        params = source_parameters(self.model, source)
+        if not params:
+            raise ConfigError(f"no trainable parameter learns from {source!r} batches with this adapter")
+        return params
+
+    def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
+        """Gradients flow only into the batch source's parameters (joint training); others keep ``grad=None``,
+        so the optimizer leaves them alone, weight decay included."""
+        inputs, self._backward_inputs = self._backward_inputs, None
+        if inputs is None:
+            super().backward(loss, *args, **kwargs)
+        else:
+            loss.backward(*args, inputs=inputs, **kwargs)
 
     def _choose(self, batch: dict) -> tuple[torch.Tensor, list[str | None]]:
         """Chosen option per sample (-1: none) and the generated text (None when options are scored).

@@ -56,7 +56,7 @@ def collator_for(model, max_length: int = 128) -> VLMCollator:
     return VLMCollator(
         model.tokenizer,
         transform=None,
-        num_visual_tokens=model.num_visual_tokens,
+        num_visual_tokens=model.sequence_visual_tokens,
         modality_token=model.modality_embedding is not None,
         max_length=max_length,
     )

@@ -22,8 +22,10 @@ def _perturb(model, seed: int = 1) -> None:
 
 @pytest.mark.parametrize("name", ADAPTERS)
 def test_identity_at_init(name, samples):
-    """The adapted model scores answers exactly as the projector-only model on the same backbones does."""
+    """The adapted model scores answers exactly as the projector-only model on the same backbones, with the same
+    sequence layout (early fusion takes the visual tokens out of the sequence), does."""
     base, adapted = tiny_model("none", seed=0), tiny_model(name, seed=0)
+    base.visual_in_sequence = adapted.visual_in_sequence
     base_logprobs, _ = base.token_logprobs(collator_for(base)(samples))
     adapted_logprobs, _ = adapted.token_logprobs(collator_for(adapted)(samples))
     torch.testing.assert_close(adapted_logprobs, base_logprobs, rtol=0, atol=1e-6)
@@ -73,7 +75,7 @@ def test_state_dict_keys_are_stable(name):
 
 
 def test_unknown_adapter_and_setting_are_named():
-    with pytest.raises(ConfigError, match="unknown adapter 'lavinn'; registered adapters: lavin, lora, none"):
+    with pytest.raises(ConfigError, match="unknown adapter 'lavinn'; registered adapters: lavin, llama-adapter-v2, lora, none"):
         get_adapter("lavinn")
     with pytest.raises(ConfigError, match=r"adapter 'lavin' has no setting\(s\) \['rank'\]"):
         get_adapter("lavin").make_config({"rank": 4})

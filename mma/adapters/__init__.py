@@ -1,6 +1,6 @@
 """Adapter methods. Importing this package registers every built-in method."""
 
-from mma.adapters import lavin, lora, none
+from mma.adapters import lavin, llama_adapter_v2, lora, none
 from mma.adapters.base import (
     AdapterMethod,
     AdapterModule,
@@ -18,6 +18,7 @@ __all__ = [
     "adapter_parameter_names",
     "get_adapter",
     "lavin",
+    "llama_adapter_v2",
     "lora",
     "none",
     "register_adapter",

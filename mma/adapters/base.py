@@ -6,13 +6,16 @@ registers a typed config and an attach function that wraps submodules of frozen 
 """
 
 import dataclasses
-from collections.abc import Callable
+import typing
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import yaml
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+from torch.nn import Parameter
 
 from mma.errors import ConfigError
 
@@ -22,6 +25,36 @@ class AdapterModule(Protocol):
     """A module whose parameters listed by ``adapter_params`` (names relative to it) are trained."""
 
     def adapter_params(self) -> list[str]: ...
+
+
+@runtime_checkable
+class GenerationCache(Protocol):
+    """A module that memoises per-sequence work during one ``generate`` call (routing, prompt keys/values)."""
+
+    def start_generation(self) -> None: ...
+
+    def end_generation(self) -> None: ...
+
+
+@contextmanager
+def generation_caches(model: nn.Module) -> Iterator[None]:
+    """Every ``GenerationCache`` in ``model`` caches from its first call (the prefill) until the block exits."""
+    modules = [m for m in model.modules() if isinstance(m, GenerationCache)]
+    for module in modules:
+        module.start_generation()
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.end_generation()
+
+
+# Data sources of joint training (LLaMA-Adapter V2): a batch labelled with a source updates only the parameters of
+# the adapter modules whose ``train_source`` is that source, plus those of modules that name no source.
+CAPTION, INSTRUCTION = "caption", "instruction"
+# Keyword arguments that carry the visual tokens (B, n_vis, d) and the has-image flags (B,) through the LLM's
+# forward to the attention modules of early-fusion adapters (see ``mma.model``).
+VISUAL_TOKENS, HAS_IMAGE = "mma_visual_tokens", "mma_has_image"
 
 
 @dataclass(frozen=True)
@@ -49,7 +82,13 @@ class AdapterMethod:
 
 
 def _typed(adapter: str, name: str, value: Any, kind: Any) -> Any:
-    """``value`` as a ``kind`` scalar (bool, int, float, str); other kinds pass through unchecked."""
+    """``value`` as a ``kind`` scalar (bool, int, float, str, or one of them or None); other kinds pass through
+    unchecked."""
+    options = typing.get_args(kind)
+    if len(options) == 2 and type(None) in options:
+        if value is None or (isinstance(value, str) and yaml.safe_load(value) is None):
+            return None
+        kind = next(option for option in options if option is not type(None))
     if kind not in (bool, int, float, str):
         return value
     if isinstance(value, str) and kind is not str:
@@ -109,6 +148,16 @@ def adapter_parameter_names(model: nn.Module) -> set[str]:
     for prefix, module in model.named_modules():
         names.update(f"{prefix}.{name}" if prefix else name for name in declared_adapter_params(module))
     return names
+
+
+def source_parameters(model: nn.Module, source: str) -> list[Parameter]:
+    """Trainable parameters that a batch from ``source`` updates: the declared parameters of every adapter module
+    whose ``train_source`` attribute is ``source`` or absent."""
+    params = []
+    for module in model.modules():
+        if getattr(module, "train_source", None) in (None, source):
+            params.extend(module.get_parameter(name) for name in declared_adapter_params(module))
+    return [p for p in params if p.requires_grad]
 
 
 def set_trainable_params(model: nn.Module) -> int:

@@ -6,7 +6,6 @@ normed hidden state of the modality token at position 0, so each sample is route
 read each image's own class token.
 """
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -46,8 +45,8 @@ class RouterAdapter(nn.Module):
     """``x + s * (w0 * B(h) + w1 * D(h))``, ``h = dropout(A(x))``, ``w = softmax(R(x[:, 0]) / t)``.
 
     Identity at init (B and D are zero). Shapes: x (batch, tokens, dim) -> same. The routing weights come from
-    token 0 of each sample; with ``cache_routing`` on, the first call's weights are kept for the calls that follow
-    (decoding feeds one new token at a time, so token 0 is only seen at prefill).
+    token 0 of each sample; during generation (a ``GenerationCache``) the first call's weights are kept for the
+    calls that follow (decoding feeds one new token at a time, so token 0 is only seen at prefill).
     """
 
     def __init__(self, dim: int, config: MMAConfig) -> None:
@@ -59,7 +58,7 @@ class RouterAdapter(nn.Module):
         self.router = nn.Linear(dim, n_experts) if config.router else None
         self.temperature = config.temperature
         self.scale = config.scale
-        self.cache_routing = False
+        self._caching = False
         self._cached_up: torch.Tensor | None = None
         self.reset_parameters()
 
@@ -73,6 +72,12 @@ class RouterAdapter(nn.Module):
     def adapter_params(self) -> list[str]:
         return [name for name, _ in self.named_parameters()]
 
+    def start_generation(self) -> None:
+        self._caching, self._cached_up = True, None
+
+    def end_generation(self) -> None:
+        self._caching, self._cached_up = False, None
+
     def routing_weights(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, tokens, dim) -> (batch, experts), from each sample's token 0."""
         if self.router is None:
@@ -82,12 +87,12 @@ class RouterAdapter(nn.Module):
 
     def sample_up_projection(self, x: torch.Tensor) -> torch.Tensor:
         """Each sample's routed up-projection, ``(batch, hidden + 1, dim)``: row i < hidden maps hidden unit i,
-        the last row is the bias; routing weights and scale are folded in. Cached while ``cache_routing`` is on.
+        the last row is the bias; routing weights and scale are folded in. Cached during generation.
 
         ``sum_e w_e * up_e(h)`` is linear in the experts' weights, so mixing a few small matrices per sample
         replaces mixing full-width outputs per token.
         """
-        if self.cache_routing and self._cached_up is not None:
+        if self._cached_up is not None:
             return self._cached_up
         experts = torch.stack(
             [  # (E, hidden + 1, dim): each grouped weight as a block-diagonal matrix, then bias
@@ -95,7 +100,7 @@ class RouterAdapter(nn.Module):
             ]
         ).to(x.dtype)
         up = self.scale * torch.einsum("be,erd->brd", self.routing_weights(x), experts)
-        if self.cache_routing:
+        if self._caching:
             self._cached_up = up
         return up
 
@@ -104,19 +109,6 @@ class RouterAdapter(nn.Module):
         h = self.dropout(F.linear(x, self.down.weight.to(x.dtype), self.down.bias.to(x.dtype)))  # (B, T, hidden)
         h = torch.cat([h, h.new_ones(*h.shape[:-1], 1)], dim=-1)  # (B, T, hidden + 1): the ones pick up the bias
         return torch.baddbmm(x, h, self.sample_up_projection(x))  # x + h @ up, one pass over x
-
-
-@contextmanager
-def cached_routing(model: nn.Module):
-    """Route once (at prefill) and reuse each sample's routed projection until the block exits."""
-    adapters = [m for m in model.modules() if isinstance(m, RouterAdapter)]
-    for adapter in adapters:
-        adapter.cache_routing, adapter._cached_up = True, None
-    try:
-        yield
-    finally:
-        for adapter in adapters:
-            adapter.cache_routing, adapter._cached_up = False, None
 
 
 @register_adapter("lavin", MMAConfig)

@@ -1,12 +1,21 @@
-"""Building blocks adapters share: a norm followed by an adapter, a grouped linear layer."""
+"""Building blocks adapters share: wrappers around a backbone's own modules, a zero-init gate, a grouped linear.
+
+A wrapper keeps the backbone module it wraps under the attribute its class names in ``wraps``, so fingerprints
+and merges can see through it to the bare backbone's parameter names.
+"""
+
+from typing import Literal
 
 import torch
 from einops import rearrange
 from torch import nn
+from torch.func import functional_call
 
 
 class AdaptedNorm(nn.Module):
     """``adapter(norm(x))``, installed in place of a block's norm so the block's own forward runs unchanged."""
+
+    wraps = "norm"
 
     def __init__(self, norm: nn.Module, adapter: nn.Module) -> None:
         super().__init__()
@@ -36,3 +45,77 @@ class GroupedLinear(nn.Module):
         weight = rearrange(self.weight, "(g o) i -> g o i", g=self.groups)
         y = torch.einsum("...gi,goi->...go", x, weight)
         return rearrange(y, "... g o -> ... (g o)") + self.bias
+
+
+class ZeroInitGate(nn.Module):
+    """A learned gate that starts closed, so the branch it scales is a no-op at init (METHODS.md section 4).
+
+    ``tanh`` gates are ``tanh(g)`` (LLaMA-Adapter's zero-init attention), ``linear`` gates are ``g`` itself (peft's
+    adaption prompt); ``g`` has ``size`` entries, e.g. one per attention head, and starts at 0.
+    """
+
+    def __init__(self, size: int, kind: Literal["tanh", "linear"] = "tanh") -> None:
+        super().__init__()
+        if kind not in ("tanh", "linear"):
+            raise ValueError(f"gate kind must be 'tanh' or 'linear', got {kind!r}")
+        self.kind = kind
+        self.weight = nn.Parameter(torch.zeros(size))
+
+    def adapter_params(self) -> list[str]:
+        return ["weight"]
+
+    def forward(self) -> torch.Tensor:
+        return torch.tanh(self.weight) if self.kind == "tanh" else self.weight
+
+
+class BiasScaleLinear(nn.Module):
+    """``s * (base(x) + b)`` with a per-output-feature bias ``b = 0`` and scale ``s = 1`` (LLaMA-Adapter V2, Eq. 1).
+
+    ``base`` is any frozen linear layer with ``out_features``: ``nn.Linear`` or a bitsandbytes 4-/8-bit one.
+    """
+
+    wraps = "base"
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        device = next(base.parameters()).device
+        self.bias = nn.Parameter(torch.zeros(base.out_features, device=device))
+        self.scale = nn.Parameter(torch.ones(base.out_features, device=device))
+
+    def adapter_params(self) -> list[str]:
+        return ["bias", "scale"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        scale = self.scale.to(y.dtype)
+        return torch.addcmul(self.bias.to(y.dtype) * scale, y, scale)
+
+
+class TunedNorm(nn.Module):
+    """A norm whose weight trains as ``w + delta`` (``delta = 0`` at init): the same updates as tuning ``w``
+    itself, while the backbone's own tensor stays frozen and untouched."""
+
+    wraps = "norm"
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.norm = norm
+        self.delta = nn.Parameter(torch.zeros_like(norm.weight, dtype=torch.float32))
+
+    def adapter_params(self) -> list[str]:
+        return ["delta"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.norm.weight.float() + self.delta  # in fp32: a bf16 sum would round small deltas away
+        return functional_call(self.norm, {"weight": weight}, (x,)).to(x.dtype)
+
+
+def linear_part(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x) - layer(0)``: the linear part of a (possibly bias/scale-wrapped) linear layer, for a branch whose
+    output is added to the layer's own output and must not pick up its bias twice."""
+    if isinstance(layer, BiasScaleLinear):
+        return linear_part(layer.base, x) * layer.scale.to(x.dtype)
+    y = layer(x)
+    bias = getattr(layer, "bias", None)
+    return y if bias is None else y - bias.to(y.dtype)

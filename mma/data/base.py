@@ -1,4 +1,8 @@
-"""What every mma data module shares: loaders that use the model's collator, and exact mid-epoch resume."""
+"""What every mma data module shares: loaders that use the model's collator, exact mid-epoch resume, and batches
+of one data source each for joint training."""
+
+import bisect
+from collections.abc import Iterator
 
 import lightning as L
 import torch
@@ -27,6 +31,58 @@ class EpochSampler(DistributedSampler):
         return iter(order[self.rank :: self.num_replicas][skip:].tolist())
 
 
+class JointDataset(Dataset):
+    """Datasets of several sources end to end; every sample is labelled with its source (``"source"``), which
+    decides the parameters its batch trains (``mma.adapters.base.source_parameters``)."""
+
+    def __init__(self, parts: dict[str, Dataset]) -> None:
+        self.names, self.parts = list(parts), list(parts.values())
+        self.lengths = torch.tensor([len(part) for part in self.parts])
+        self.ends = self.lengths.cumsum(0).tolist()
+
+    def __len__(self) -> int:
+        return self.ends[-1]
+
+    def __getitem__(self, index: int) -> dict:
+        part = bisect.bisect_right(self.ends, index)
+        start = self.ends[part - 1] if part else 0
+        return {**self.parts[part][index - start], "source": self.names[part]}
+
+    def sources(self) -> list[int]:
+        """The part number of every index."""
+        return torch.arange(len(self.parts)).repeat_interleave(self.lengths).tolist()
+
+
+class SourceBatchSampler(Sampler[list[int]]):
+    """Batches that each hold one source: walks ``sampler``'s order, filling one batch per source, and yields a
+    batch when it is full; an epoch's unfilled remainders are dropped. ``skip`` drops the first batches of the
+    next pass only (mid-epoch resume)."""
+
+    def __init__(self, sampler: EpochSampler, sources: list[int], batch_size: int) -> None:
+        self.sampler, self.sources, self.batch_size = sampler, sources, batch_size
+        self.skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        counts = torch.bincount(torch.tensor(self.sources)[list(self.sampler)]).tolist()
+        return sum(count // self.batch_size for count in counts)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        skip, self.skip = self.skip, 0
+        filling: dict[int, list[int]] = {}
+        for index in self.sampler:
+            batch = filling.setdefault(self.sources[index], [])
+            batch.append(index)
+            if len(batch) == self.batch_size:
+                del filling[self.sources[index]]
+                if skip:
+                    skip -= 1
+                else:
+                    yield batch
+
+
 class MMADataModule(L.LightningDataModule):
     """Base of mma's data modules: batches are laid out by the model's own collator (``MMAModule.collator``),
     and the position in the training epoch is saved in checkpoints so a resumed run sees the same batches."""
@@ -42,22 +98,27 @@ class MMADataModule(L.LightningDataModule):
         self._resume_batches = 0
 
     def train_loader(self, dataset: Dataset) -> DataLoader:
+        """Shuffled training batches; a ``JointDataset`` gives batches of one source each."""
         world, rank = self.trainer.world_size, self.trainer.global_rank
         sampler = EpochSampler(len(dataset), self.seed, num_replicas=world, rank=rank)
-        sampler.skip = (self._resume_batches * self.batch_size) % len(sampler)
-        self._resume_batches = 0
-        return self._loader(dataset, self.batch_size, sampler)
+        resume, self._resume_batches = self._resume_batches, 0
+        if isinstance(dataset, JointDataset):
+            batches = SourceBatchSampler(sampler, dataset.sources(), self.batch_size)
+            batches.skip = resume % len(batches)
+            return self._loader(dataset, batch_sampler=batches)
+        sampler.skip = (resume * self.batch_size) % len(sampler)
+        return self._loader(dataset, batch_size=self.batch_size, sampler=sampler)
 
     def eval_loader(self, dataset: Dataset) -> DataLoader:
-        return self._loader(dataset, self.eval_batch_size, EpochSampler(len(dataset), self.seed, shuffle=False))
+        sampler = EpochSampler(len(dataset), self.seed, shuffle=False)
+        return self._loader(dataset, batch_size=self.eval_batch_size, sampler=sampler)
 
-    def _loader(self, dataset: Dataset, batch_size: int, sampler: Sampler) -> DataLoader:
+    def _loader(self, dataset: Dataset, **batching: int | Sampler) -> DataLoader:
         # An own generator: creating the iterator must not draw from the global RNG (dropout's), or a resumed
         # run would diverge from an uninterrupted one.
         return DataLoader(
             dataset,
-            batch_size=batch_size,
-            sampler=sampler,
+            **batching,
             num_workers=self.num_workers,
             collate_fn=self.trainer.lightning_module.collator,
             generator=torch.Generator().manual_seed(self.seed),

@@ -2,9 +2,13 @@
 
 from torch.utils.data import DataLoader, Dataset
 
-from mma.data.base import MMADataModule
+from mma.adapters.base import CAPTION, INSTRUCTION
+from mma.data.base import JointDataset, MMADataModule
 from mma.data.prompts import AnswerStyle, answer_text, question_prompt
-from mma.data.synthetic import IMAGE_TYPES, Problem, blank_like, make_problem
+from mma.data.synthetic import IMAGE_TYPES, Problem, blank_like, make_caption, make_problem
+from mma.errors import ConfigError
+
+CAPTION_PROMPT = "Describe the picture."
 
 # Stream offsets keep the splits disjoint for any sizes up to a million problems each.
 _SPLIT_OFFSET = {"train": 0, "val": 1_000_000, "test": 2_000_000, "predict": 2_000_000}
@@ -48,6 +52,20 @@ class SyntheticVQA(Dataset):
         return {**sample, "candidates": candidates, "target": p.answer, "groups": groups}
 
 
+class SyntheticCaptions(Dataset):
+    """``size`` captioned pictures (``mma.data.synthetic.make_caption``) as image-text training samples."""
+
+    def __init__(self, size: int, seed: int, image_size: int) -> None:
+        self.size, self.seed, self.image_size = size, seed, image_size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict:
+        image, caption = make_caption(self.seed, index, self.image_size)
+        return {"prompt": CAPTION_PROMPT, "image": image, "answer": caption}
+
+
 class SyntheticVQADataModule(MMADataModule):
     """Visual multiple-choice QA drawn on the fly: no files, deterministic by seed.
 
@@ -57,6 +75,9 @@ class SyntheticVQADataModule(MMADataModule):
         test_size: test problems; the test also runs them over blank pictures (the blind control).
         image_size: side of the drawn pictures in pixels.
         image_fraction: share of image questions; the rest are text-only.
+        caption_fraction: share of training samples that are captioned pictures instead of questions (joint
+            training: every batch then holds one source, ``caption`` or ``instruction``); 0 trains on questions
+            only.
         answer_style: ``text`` answers with the option's text, ``letter`` with its letter.
         seed: seed of the problem streams.
         batch_size: training batch size.
@@ -74,6 +95,7 @@ class SyntheticVQADataModule(MMADataModule):
         test_size: int = 300,
         image_size: int = 64,
         image_fraction: float = 0.75,
+        caption_fraction: float = 0.0,
         answer_style: AnswerStyle = "text",
         seed: int = 0,
         batch_size: int = 8,
@@ -81,6 +103,8 @@ class SyntheticVQADataModule(MMADataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers, seed)
+        if not 0 <= caption_fraction < 1:
+            raise ConfigError(f"caption_fraction={caption_fraction} must be in [0, 1)")
         self.save_hyperparameters()
 
     def _dataset(self, split: str, size: int, blind: bool = False) -> SyntheticVQA:
@@ -88,7 +112,13 @@ class SyntheticVQADataModule(MMADataModule):
         return SyntheticVQA(split, size, h.seed, h.image_size, h.image_fraction, h.answer_style, blind)
 
     def train_dataloader(self) -> DataLoader:
-        return self.train_loader(self._dataset("train", self.hparams.train_size))
+        h = self.hparams
+        captions = round(h.train_size * h.caption_fraction)
+        questions = self._dataset("train", h.train_size - captions)
+        if not captions:
+            return self.train_loader(questions)
+        parts = {INSTRUCTION: questions, CAPTION: SyntheticCaptions(captions, h.seed, h.image_size)}
+        return self.train_loader(JointDataset(parts))
 
     def val_dataloader(self) -> DataLoader:
         return self.eval_loader(self._dataset("val", self.hparams.val_size))

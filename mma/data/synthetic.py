@@ -61,6 +61,18 @@ def make_problem(seed: int, index: int, image_size: int, image_fraction: float) 
     return _choice(rng, "Where is the shape?", POSITIONS[slots[0]], list(POSITIONS), kind, image)
 
 
+def make_caption(seed: int, index: int, image_size: int) -> tuple[Image.Image, str]:
+    """The ``index``-th captioned picture of the stream ``seed``: one to three shapes of one colour, described by
+    count, colour, shape and, for a single shape, position (``"two red squares"``, ``"one blue circle, left"``).
+    Captions name every attribute the image questions ask about: image-text data for joint training."""
+    rng = random.Random(seed * 1_000_033 + index)
+    colour, shape, count = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.randrange(3) + 1
+    slots = rng.sample(range(3), count)
+    image = _draw(rng, image_size, colour, shape, slots)
+    caption = f"{COUNTS[count - 1]} {colour} {shape}{'s' if count > 1 else ''}"
+    return image, caption if count > 1 else f"{caption}, {POSITIONS[slots[0]]}"
+
+
 def blank_like(problem: Problem) -> Problem:
     """The same question over a blank picture: the blind control of image questions."""
     if problem.image is None:

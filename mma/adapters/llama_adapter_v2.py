@@ -1,0 +1,202 @@
+"""LLaMA-Adapter V2 (arXiv 2304.15010, with V1's zero-init attention, arXiv 2303.16199), as in METHODS.md section 2.
+
+- Adaption prompts: the top ``prompt_layers`` attention modules are wrapped; each projects its own learnable prompt
+  with the layer's k/v projections (no rotary embedding), lets the rotated queries attend it with a separate
+  softmax, gates the result per head with ``tanh(g)`` (``g = 0``) and adds it, through ``o_proj``, to the output.
+- Early fusion: the first ``visual_layers`` attention modules take the projected visual tokens as a prompt with
+  its own zero-init gate; the tokens leave the LLM sequence (``VisionLanguageModel.fuse_visual_into_adapters``).
+- Bias and scale on the targeted linears (``BiasScaleLinear``), trainable RMSNorms (``TunedNorm``).
+- Joint training: the projector and the early-fusion gates train on caption batches, everything else on
+  instruction batches (``train_source``; see ``mma.adapters.base.source_parameters``).
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.llama.modeling_llama import rotate_half
+
+from mma.adapters.base import CAPTION, HAS_IMAGE, INSTRUCTION, VISUAL_TOKENS, register_adapter
+from mma.adapters.layers import BiasScaleLinear, TunedNorm, ZeroInitGate, linear_part
+from mma.errors import ConfigError
+
+LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LlamaAdapterV2Config:
+    """
+    Args:
+        prompt_length: adaption prompt tokens in each prompted layer (paper: 10).
+        prompt_layers: L, the number of top layers with a static prompt; unset: every layer after the first
+            ``visual_layers`` (31 of LLaMA-7B's 32, the paper's setting); 0: none.
+        visual_layers: K, the number of first layers whose prompt is the projected visual tokens (paper: 1); 0
+            keeps the visual tokens in the sequence (LaVIN's layout) instead.
+        gate: ``tanh``: a ``tanh(g)`` gate per head (the paper); ``scalar``: one ungated scalar per layer (peft's
+            ``AdaptionPromptConfig``).
+        bias_scale: ``y = s * (Wx + b)`` on the ``targets`` linears of every decoder block.
+        targets: linear layers given bias and scale, by their name in the block.
+        norms: train every RMSNorm of the LLM.
+    """
+
+    prompt_length: int = 10
+    prompt_layers: int | None = None
+    visual_layers: int = 1
+    gate: Literal["tanh", "scalar"] = "tanh"
+    bias_scale: bool = True
+    targets: list[str] = field(default_factory=lambda: list(LINEARS))
+    norms: bool = True
+
+
+class AdaptionPromptAttention(nn.Module):
+    """A HF LLaMA-family attention module plus zero-init gated prompt branches: a static learnable prompt and/or
+    the sample's visual tokens. Each branch is ``gate * softmax(q k_p^T / sqrt(d)) v_p``, heads concatenated and
+    passed through the layer's ``o_proj`` (without its bias), added to the attention output.
+
+    Prompt keys/values are computed once per ``generate`` call (a ``GenerationCache``), not once per token.
+    """
+
+    wraps = "attention"
+    train_source = INSTRUCTION
+
+    def __init__(self, attention: nn.Module, prompt_length: int, visual: bool, gate: str) -> None:
+        super().__init__()
+        self.attention = attention
+        self.head_dim = attention.head_dim
+        device = next(attention.parameters()).device
+        heads, kind = (attention.config.num_attention_heads, "tanh") if gate == "tanh" else (1, "linear")
+        hidden = attention.config.hidden_size
+        # Standard normal, like the official code's nn.Embedding and peft; the closed gate keeps it silent at init.
+        self.prompt = nn.Parameter(torch.randn(1, prompt_length, hidden, device=device)) if prompt_length else None
+        self.prompt_gate = ZeroInitGate(heads, kind).to(device) if prompt_length else None
+        self.visual_gate = ZeroInitGate(heads, kind).to(device) if visual else None
+        for gate_module, source in ((self.prompt_gate, INSTRUCTION), (self.visual_gate, CAPTION)):
+            if gate_module is not None:
+                gate_module.train_source = source
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def adapter_params(self) -> list[str]:
+        return ["prompt"] if self.prompt is not None else []
+
+    def start_generation(self) -> None:
+        self._cache = {}
+
+    def end_generation(self) -> None:
+        self._cache = None
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        visual, has_image = kwargs.pop(VISUAL_TOKENS, None), kwargs.pop(HAS_IMAGE, None)
+        output, weights = self.attention(
+            hidden_states=hidden_states,
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            **kwargs,
+        )
+        use_visual = self.visual_gate is not None and visual is not None
+        if self.prompt is None and not use_visual:
+            return output, weights
+        query = self._query(hidden_states, position_embeddings)  # (B, H, T, hd)
+        branches = []
+        if self.prompt is not None:
+            keys_values = self._keys_values("prompt", self.prompt, hidden_states.dtype)
+            branches.append(self._attend(query, keys_values, self.prompt_gate()))
+        if use_visual:
+            seen = self._attend(query, self._keys_values("visual", visual, hidden_states.dtype), self.visual_gate())
+            branches.append(seen * has_image.to(seen.dtype).view(-1, 1, 1, 1))
+        branch = sum(branches[1:], branches[0]).transpose(1, 2).flatten(2)  # (B, T, H * hd)
+        return output + linear_part(self.attention.o_proj, branch), weights
+
+    def _query(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]):
+        """The layer's rotated queries (the attention module does not return them): (B, H, T, hd)."""
+        query = self.attention.q_proj(hidden_states)
+        query = query.view(*hidden_states.shape[:-1], -1, self.head_dim).transpose(1, 2)
+        cos, sin = (t.unsqueeze(1) for t in position_embeddings)
+        return query * cos + rotate_half(query) * sin
+
+    def _keys_values(self, name: str, prompt: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt (1 or B, P, d) -> keys and values (1 or B, kv_heads, P, hd) by the layer's own projections,
+        fed in the activations' dtype."""
+        if self._cache is not None and name in self._cache:
+            return self._cache[name]
+        prompt = prompt.to(dtype)
+        keys_values = tuple(
+            project(prompt).view(*prompt.shape[:-1], -1, self.head_dim).transpose(1, 2)
+            for project in (self.attention.k_proj, self.attention.v_proj)
+        )
+        if self._cache is not None:
+            self._cache[name] = keys_values
+        return keys_values
+
+    def _attend(self, query: torch.Tensor, keys_values: tuple[torch.Tensor, torch.Tensor], gate: torch.Tensor):
+        """``gate * softmax(q k^T / sqrt(hd)) v`` per head, the prompt's own softmax: (B, H, T, hd)."""
+        keys, values = (t.to(query.dtype).expand(query.shape[0], -1, -1, -1) for t in keys_values)
+        out = F.scaled_dot_product_attention(query, keys, values, enable_gqa=True)
+        return out * gate.to(out.dtype).view(1, -1, 1, 1)
+
+
+@register_adapter("llama-adapter-v2", LlamaAdapterV2Config)
+def attach_llama_adapter_v2(model, config: LlamaAdapterV2Config) -> None:
+    """Wrap linears (bias/scale), norms and attention modules of the frozen LLM in place; the ViT is untouched."""
+    layers = model.llm.model.layers
+    if config.prompt_layers is None:
+        config = dataclasses.replace(config, prompt_layers=max(len(layers) - config.visual_layers, 0))
+    _check(config, len(layers))
+    if config.bias_scale:
+        for layer in layers:
+            for name in config.targets:
+                _wrap(layer, name, BiasScaleLinear)
+    if config.norms:
+        norms = [name for name, m in model.llm.named_modules() if type(m).__name__.endswith("RMSNorm")]
+        for name in norms:
+            _wrap(model.llm, name, TunedNorm)
+    for index, layer in enumerate(layers):
+        prompted = index >= len(layers) - config.prompt_layers
+        visual = index < config.visual_layers
+        if prompted or visual:
+            prompt_length = config.prompt_length if prompted else 0
+            layer.self_attn = AdaptionPromptAttention(layer.self_attn, prompt_length, visual, config.gate)
+    if config.visual_layers:
+        model.fuse_visual_into_adapters()
+        model.projector.train_source = CAPTION
+
+
+def _check(config: LlamaAdapterV2Config, depth: int) -> None:
+    for name in ("prompt_layers", "visual_layers"):
+        if not 0 <= getattr(config, name) <= depth:
+            raise ConfigError(f"llama-adapter-v2: {name}={getattr(config, name)} must be in 0..{depth} (LLM depth)")
+    if config.prompt_layers and config.prompt_length < 1:
+        raise ConfigError(f"llama-adapter-v2: prompt_length={config.prompt_length} must be at least 1")
+    if config.gate not in ("tanh", "scalar"):
+        raise ConfigError(f"llama-adapter-v2: gate must be 'tanh' or 'scalar', got {config.gate!r}")
+    if unknown := sorted(set(config.targets) - set(LINEARS)):
+        raise ConfigError(f"llama-adapter-v2: unknown bias/scale target(s) {unknown}; known: {LINEARS}")
+
+
+def _wrap(root: nn.Module, name: str, wrapper: type[nn.Module]) -> None:
+    """Replace ``root``'s submodule at dotted ``name`` (searched below ``root`` when not a direct path) by
+    ``wrapper(module)``, trained on instruction batches."""
+    path = name if "." in name or hasattr(root, name) else _find(root, name)
+    parent, _, attribute = path.rpartition(".")
+    host = root.get_submodule(parent)
+    wrapped = wrapper(getattr(host, attribute))
+    wrapped.train_source = INSTRUCTION
+    setattr(host, attribute, wrapped)
+
+
+def _find(block: nn.Module, leaf: str) -> str:
+    """The one submodule path of ``block`` ending in ``leaf`` (``q_proj`` -> ``self_attn.q_proj``)."""
+    matches = [path for path, _ in block.named_modules() if path.rpartition(".")[2] == leaf]
+    if len(matches) != 1:
+        raise ConfigError(f"llama-adapter-v2: expected one {leaf!r} in each decoder block, found {matches}")
+    return matches[0]

@@ -2,6 +2,7 @@
 
 import logging
 
+import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -35,6 +36,21 @@ class LossLog(Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         self.losses.append(float(outputs["loss"]))
+
+
+def tiny_trainer(**overrides) -> L.Trainer:
+    """A CPU Trainer with everything a test does not look at (logger, progress bar, summary, checkpoints,
+    validation) off; ``overrides`` set the rest."""
+    settings = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    return L.Trainer(**{**settings, **overrides})
 
 
 def tiny_config(adapter: str = "lavin", **adapter_config) -> ModelConfig:

@@ -41,7 +41,10 @@ def _mma(*args: str) -> subprocess.CompletedProcess:
 def test_unknown_adapter_is_one_clear_error():
     result = _mma("params", "--config", "recipes/scienceqa/lavin-7b.yaml", "--model.model.adapter", "lavinn")
     assert result.returncode == 2
-    assert "mma: error: unknown adapter 'lavinn'; registered adapters: lavin, llama-adapter-v2, lora, none" in result.stderr
+    assert (
+        "mma: error: unknown adapter 'lavinn'; registered adapters: lavin, llama-adapter-v2, lora, none"
+        in result.stderr
+    )
     assert "Traceback" not in result.stderr
 
 

@@ -1,11 +1,13 @@
 import pytest
 from PIL import Image
 
-from mma.data.datamodule import SyntheticVQA
+from mma.data import SyntheticVQADataModule
+from mma.data.base import EpochSampler, JointDataset, SourceBatchSampler
+from mma.data.datamodule import SyntheticCaptions, SyntheticVQA
 from mma.data.images import load_image
 from mma.data.prompts import answer_text, question_prompt
-from mma.data.synthetic import QUESTION_TYPES, make_problem
-from mma.errors import DataError
+from mma.data.synthetic import COUNTS, QUESTION_TYPES, make_problem
+from mma.errors import ConfigError, DataError
 
 
 def test_undecodable_and_missing_images_are_named(tmp_path):
@@ -48,3 +50,26 @@ def test_prompt_and_answer_text():
     )
     assert answer_text(["red", "blue"], 1, "letter") == "The answer is B."
     assert answer_text(["red", "blue"], 1, "text") == "The answer is blue."
+
+
+def test_joint_batches_hold_one_source_in_the_mixing_ratio_and_resume_by_batch():
+    joint = JointDataset({"instruction": [{"i": i} for i in range(300)], "caption": [{"i": i} for i in range(100)]})
+    assert joint.sources() == [0] * 300 + [1] * 100
+    batches = SourceBatchSampler(EpochSampler(len(joint), seed=0), joint.sources(), batch_size=8)
+    order = list(batches)
+    assert len(order) == len(batches) == 300 // 8 + 100 // 8
+    assert all(len({joint.sources()[i] for i in batch}) == 1 for batch in order)
+    assert sum(joint.sources()[batch[0]] for batch in order) == 100 // 8  # caption batches: a quarter
+    batches.skip = 5
+    assert list(batches) == order[5:]
+    assert list(batches) == order  # the skip applies to one pass only
+    assert joint[300] == {"i": 0, "source": "caption"} and joint[299] == {"i": 299, "source": "instruction"}
+
+
+def test_captions_name_what_the_picture_shows_and_the_fraction_is_checked():
+    captions = SyntheticCaptions(10, seed=0, image_size=32)
+    again = SyntheticCaptions(10, seed=0, image_size=32)
+    assert [captions[i]["answer"] for i in range(10)] == [again[i]["answer"] for i in range(10)]
+    assert all(captions[i]["answer"].split()[0] in COUNTS and captions[i]["image"] for i in range(10))
+    with pytest.raises(ConfigError, match=r"caption_fraction=1.0 must be in \[0, 1\)"):
+        SyntheticVQADataModule(caption_fraction=1.0)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from conftest import collator_for, image, tiny_model
 from test_adapters import _perturb
@@ -14,8 +15,9 @@ def _prompts() -> list[dict]:
     ]
 
 
-def test_generation_with_kv_cache_matches_full_recompute():
-    model = tiny_model("lavin")
+@pytest.mark.parametrize("adapter", ["lavin", "llama-adapter-v2"])
+def test_generation_with_kv_cache_matches_full_recompute(adapter):
+    model = tiny_model(adapter)
     _perturb(model)
     model.eval()
     batch = collator_for(model)(_prompts())

@@ -7,7 +7,7 @@ import lightning as L
 import pytest
 import torch
 from bitsandbytes.nn import Linear4bit
-from conftest import TINY_LLM, LossLog, tiny_config
+from conftest import TINY_LLM, LossLog, tiny_config, tiny_trainer
 
 from mma.backbones import LLMSpec, load_llm
 from mma.data import SyntheticVQADataModule
@@ -46,25 +46,19 @@ def test_nf4_logits_stay_close_to_full_precision(weights_folder):
     assert difference.max() > 0  # it really is quantized
 
 
-@pytest.mark.parametrize("adapter", ["lora", "lavin"])
+@pytest.mark.parametrize("adapter", ["lora", "lavin", "llama-adapter-v2"])
 def test_adapters_train_on_a_4bit_llm_and_leave_it_untouched(weights_folder, adapter):
     L.seed_everything(0, verbose=False)
     module = MMAModule(_quantized_config(weights_folder, adapter), OptimizerConfig(lr=3e-2), max_length=192)
     module.configure_model()
     packed = {n: p.detach().clone() for n, p in module.named_parameters() if p.dtype == torch.uint8}
     assert packed  # the LLM's linears are 4-bit
+    if adapter == "llama-adapter-v2":  # bias and scale wrap the 4-bit layers themselves
+        assert isinstance(module.model.llm.model.layers[1].mlp.down_proj.base, Linear4bit)
     trainable = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
     log = LossLog()
     data = SyntheticVQADataModule(train_size=8, image_size=32, batch_size=8)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=30,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        limit_val_batches=0,
-        callbacks=[log],
-    )
+    trainer = tiny_trainer(max_steps=30, callbacks=[log])
     trainer.fit(module, datamodule=data)
     parameters = dict(module.named_parameters())
     for name, before in packed.items():

@@ -3,7 +3,7 @@
 import lightning as L
 import pytest
 import torch
-from conftest import LossLog, tiny_config
+from conftest import LossLog, tiny_config, tiny_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from mma.data import SyntheticVQADataModule
@@ -132,23 +132,14 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert not (tmp_path / "step=3.ckpt").exists()
 
 
-def test_bf16_mixed_and_activation_checkpointing_train(tmp_path):
+@pytest.mark.parametrize("adapter", ["lavin", "llama-adapter-v2"])
+def test_bf16_mixed_and_activation_checkpointing_train(tmp_path, adapter):
     log = LossLog()
     L.seed_everything(0, verbose=False)
-    module = MMAModule(tiny_config(), OptimizerConfig(lr=1e-2), max_length=192, activation_checkpointing=True)
+    config = tiny_config(adapter)
+    module = MMAModule(config, OptimizerConfig(lr=1e-2), max_length=192, activation_checkpointing=True)
     data = SyntheticVQADataModule(train_size=8, image_size=32, batch_size=4)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        precision="bf16-mixed",
-        max_steps=4,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        limit_val_batches=0,
-        callbacks=[log],
-        default_root_dir=tmp_path,
-    )
+    trainer = tiny_trainer(precision="bf16-mixed", max_steps=4, callbacks=[log], default_root_dir=tmp_path)
     trainer.fit(module, datamodule=data)
     assert len(log.losses) == 4 and all(torch.isfinite(torch.tensor(log.losses)))
 

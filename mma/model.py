@@ -51,6 +51,8 @@ class VisualConfig:
 class Projector(nn.Module):
     """ViT width -> hidden -> LLM width with SiLU; xavier weights, zero biases."""
 
+    part = "projection"
+
     def __init__(self, vit_dim: int, hidden: int, llm_dim: int) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(vit_dim, hidden), nn.SiLU(), nn.Linear(hidden, llm_dim))
@@ -67,6 +69,8 @@ class Projector(nn.Module):
 
 class ModalityEmbedding(nn.Embedding):
     """``Embedding(2, d)``: row 1 for samples with an image, row 0 for text-only samples."""
+
+    part = "modality token"
 
     def __init__(self, dim: int) -> None:
         super().__init__(2, dim)

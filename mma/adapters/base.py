@@ -142,6 +142,14 @@ def declared_adapter_params(module: nn.Module) -> list[str]:
     return []
 
 
+def adapter_part(module: nn.Module) -> str:
+    """What kind of trainable part a module is, for parameter tables: its class's ``part`` (``"prompts"``,
+    ``"gates"``, ...), ``"LoRA"`` for peft's layers, else the class name."""
+    if isinstance(module, BaseTunerLayer):
+        return "LoRA"
+    return getattr(module, "part", type(module).__name__)
+
+
 def adapter_parameter_names(model: nn.Module) -> set[str]:
     """Full names of every parameter that some adapter module in ``model`` declares trainable."""
     names = set()

@@ -54,6 +54,8 @@ class ZeroInitGate(nn.Module):
     adaption prompt); ``g`` has ``size`` entries, e.g. one per attention head, and starts at 0.
     """
 
+    part = "gates"
+
     def __init__(self, size: int, kind: Literal["tanh", "linear"] = "tanh") -> None:
         super().__init__()
         if kind not in ("tanh", "linear"):
@@ -75,6 +77,7 @@ class BiasScaleLinear(nn.Module):
     """
 
     wraps = "base"
+    part = "bias/scale"
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
@@ -97,6 +100,7 @@ class TunedNorm(nn.Module):
     itself, while the backbone's own tensor stays frozen and untouched."""
 
     wraps = "norm"
+    part = "norms"
 
     def __init__(self, norm: nn.Module) -> None:
         super().__init__()

@@ -60,6 +60,7 @@ class AdaptionPromptAttention(nn.Module):
     """
 
     wraps = "attention"
+    part = "prompts"
     train_source = INSTRUCTION
 
     def __init__(self, attention: nn.Module, prompt_length: int, visual: bool, gate: str) -> None:

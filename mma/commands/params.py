@@ -6,6 +6,7 @@ from collections import defaultdict
 from rich.console import Console
 from rich.table import Table
 
+from mma.adapters.base import adapter_part, declared_adapter_params
 from mma.build import build_model
 from mma.model import VisionLanguageModel
 
@@ -22,6 +23,18 @@ def count_parameters(model: VisionLanguageModel) -> dict[str, tuple[int, int]]:
     return {part: (trainable, total) for part, (trainable, total) in counts.items()}
 
 
+def count_by_kind(model: VisionLanguageModel) -> dict[str, int]:
+    """``"<part> <kind>"`` (``"LLM prompts"``, ``"projector projection"``) -> trainable parameters."""
+    counts: dict[str, int] = defaultdict(int)
+    for name, module in model.named_modules():
+        for param_name in declared_adapter_params(module):
+            param = module.get_parameter(param_name)
+            if param.requires_grad:
+                part = PART_NAMES.get(name.split(".", 1)[0], name)
+                counts[f"{part} {adapter_part(module)}"] += param.numel()
+    return dict(counts)
+
+
 def params_command(argv: list[str]) -> None:
     from mma.cli import config_cli
 
@@ -29,7 +42,8 @@ def params_command(argv: list[str]) -> None:
     parser.add_argument("--config", required=True, help="recipe YAML")
     args, overrides = parser.parse_known_args(argv)
     module = config_cli(args.config, overrides).model
-    counts = count_parameters(build_model(module.model_config, device="meta"))
+    model = build_model(module.model_config, device="meta")
+    counts = count_parameters(model)
     table = Table(title=f"parameters of {args.config} (adapter: {module.model_config.adapter})")
     for column in ("part", "trainable", "total"):
         table.add_column(column, justify="left" if column == "part" else "right")
@@ -37,5 +51,12 @@ def params_command(argv: list[str]) -> None:
         table.add_row(PART_NAMES.get(part, part), f"{trainable:,}", f"{total:,}")
     trainable, total = (sum(c[i] for c in counts.values()) for i in (0, 1))
     table.add_row("all", f"{trainable:,}", f"{total:,}", style="bold")
-    Console().print(table)
+    kinds = Table(title="trainable parameters by kind")
+    for column in ("kind", "trainable"):
+        kinds.add_column(column, justify="left" if column == "kind" else "right")
+    for kind, count in count_by_kind(model).items():
+        kinds.add_row(kind, f"{count:,}")
+    console = Console()
+    console.print(table)
+    console.print(kinds)
     print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")

@@ -12,6 +12,10 @@ weights are constants, so with ``n`` the normed input, ``h = A n + a`` and the r
     q = W_q adapter(n) = (W_q P) n + W_q b          (the same for k and v)
 
 LLaMA's projections have no bias, so the merged config sets ``attention_bias=True`` (o_proj gets a zero bias).
+
+LLaMA-Adapter V2's bias and scale fold the same way (``s * (W x + b0 + b) = (s W) x + s (b0 + b)``) and its tuned
+norms into the norm weight (``w + delta``); its adaption prompts are an extra attention branch that a plain LLaMA
+has no weights for, so only an adapter without prompts (``prompt_layers: 0``, ``visual_layers: 0``) merges.
 """
 
 from collections.abc import Callable
@@ -22,7 +26,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from mma.adapters.lavin import RouterAdapter
-from mma.adapters.layers import AdaptedNorm
+from mma.adapters.layers import AdaptedNorm, BiasScaleLinear, TunedNorm
+from mma.adapters.llama_adapter_v2 import AdaptionPromptAttention
 from mma.errors import ConfigError
 from mma.model import MODALITY_SLOT, VisionLanguageModel
 
@@ -133,6 +138,39 @@ def biased_linear(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor) -
     folded.weight = nn.Parameter(weight.to(linear.weight), requires_grad=False)
     folded.bias = nn.Parameter(bias.to(linear.weight), requires_grad=False)
     return folded
+
+
+@register_fold("llama-adapter-v2")
+def fold_llama_adapter_v2(model: VisionLanguageModel, modality: str | None) -> PreTrainedModel:
+    """Fold bias/scale into the targeted linears and norm deltas into the norms; refuse adaption prompts."""
+    llm = model.llm
+    if any(isinstance(m, AdaptionPromptAttention) for m in llm.modules()):
+        raise ConfigError(
+            "LLaMA-Adapter V2 adaption prompts are an attention branch a plain LLaMA has no weights for; only "
+            "bias/scale and norms merge (prompt_layers: 0, visual_layers: 0)"
+        )
+    wrapped = [(name, m) for name, m in llm.named_modules() if isinstance(m, BiasScaleLinear | TunedNorm)]
+    for name, module in wrapped:
+        parent, _, child = name.rpartition(".")
+        setattr(llm.get_submodule(parent), child, _folded(module))
+    for layer in llm.model.layers:  # a biased family gets a (zero) bias in every member, as the config says
+        for family, flag in ((layer.self_attn, "attention_bias"), (layer.mlp, "mlp_bias")):
+            linears = {n: m for n, m in family.named_children() if isinstance(m, nn.Linear)}
+            if any(m.bias is not None for m in linears.values()):
+                setattr(llm.config, flag, True)
+                for n, m in linears.items():
+                    if m.bias is None:
+                        setattr(family, n, biased_linear(m, m.weight, torch.zeros(m.out_features)))
+    return llm
+
+
+def _folded(module: BiasScaleLinear | TunedNorm) -> nn.Module:
+    if isinstance(module, TunedNorm):
+        module.norm.weight.copy_((module.norm.weight.float() + module.delta).to(module.norm.weight))
+        return module.norm
+    base, scale = module.base, module.scale.float()
+    bias = base.bias.float() if base.bias is not None else torch.zeros_like(scale)
+    return biased_linear(base, scale[:, None] * base.weight.float(), scale * (bias + module.bias.float()))
 
 
 @register_fold("lora")

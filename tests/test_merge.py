@@ -19,15 +19,15 @@ from mma.model import MODALITY_SLOT
 TOLERANCE = 1e-4
 
 
-def _adapted(tmp_path, name: str = "lavin"):
+def _adapted(tmp_path, name: str = "lavin", **settings):
     """A tiny model with adapter weights far from zero, so the adapters change the logits a lot."""
-    model = tiny_model(name)
+    model = tiny_model(name, **settings)
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.3 * torch.randn(p.shape, generator=generator))
-    return model, save_adapter(model, tiny_config(name), tmp_path / "adapter")
+    return model, save_adapter(model, tiny_config(name, **settings), tmp_path / "adapter")
 
 
 def _text_logits(model, tokens: torch.Tensor, has_image: bool) -> torch.Tensor:
@@ -97,9 +97,17 @@ def test_packed_quantized_weights_are_refused(tmp_path):
         merge_adapter(model, "lavin", "text")
 
 
-def test_merged_lora_loads_in_transformers_and_matches(tmp_path):
-    """LoRA folds into the base weights by peft's own merge; no modality token, so the layout is [BOS] tokens."""
-    model, folder = _adapted(tmp_path, "lora")
+@pytest.mark.parametrize(
+    ("name", "settings"),
+    [
+        ("lora", {}),
+        ("llama-adapter-v2", dict(prompt_layers=0, visual_layers=0, targets=["q_proj", "v_proj", "up_proj"])),
+    ],
+)
+def test_merged_lora_and_bias_scale_load_in_transformers_and_match(tmp_path, name, settings):
+    """LoRA folds by peft's own merge, LLaMA-Adapter V2's bias/scale and norms into weights, biases and norm
+    weights (a partly targeted family gets zero biases); no modality token, so the layout is [BOS] tokens."""
+    model, folder = _adapted(tmp_path, name, **settings)
     out = tmp_path / "merged"
     main(["merge", "--adapter", str(folder), "--out", str(out)])
     merged = AutoModelForCausalLM.from_pretrained(out)
@@ -112,5 +120,11 @@ def test_merged_lora_loads_in_transformers_and_matches(tmp_path):
         logits = merged(tokens).logits
         unadapted = load_llm(tiny_config().llm)[0](tokens).logits
     torch.testing.assert_close(logits, expected, rtol=0, atol=TOLERANCE)
-    assert not any("lora" in name for name in merged.state_dict())
+    assert not any(part in key for key in merged.state_dict() for part in ("lora", "delta", "scale"))
     assert (logits - unadapted).abs().max() > 1000 * TOLERANCE
+
+
+def test_llama_adapter_v2_prompts_are_refused(tmp_path):
+    _, folder = _adapted(tmp_path, "llama-adapter-v2")
+    with pytest.raises(ConfigError, match="adaption prompts are an attention branch a plain LLaMA has no weights"):
+        merge_to_folder(folder, tmp_path / "merged")

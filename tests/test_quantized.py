@@ -7,9 +7,11 @@ import lightning as L
 import pytest
 import torch
 from bitsandbytes.nn import Linear4bit
-from conftest import TINY_LLM, LossLog, tiny_config, tiny_trainer
+from conftest import TINY_LLM, LossLog, collator_for, tiny_config, tiny_trainer
+from test_adapters import _perturb
 
 from mma.backbones import LLMSpec, load_llm
+from mma.build import build_model
 from mma.data import SyntheticVQADataModule
 from mma.errors import ConfigError
 from mma.module import MMAModule
@@ -119,3 +121,26 @@ def test_quantizing_a_loaded_model_equals_the_streaming_load(weights_folder):
     assert set(dense_state) == set(streamed_state)
     for name, tensor in streamed_state.items():
         assert torch.equal(dense_state[name], tensor), name
+
+
+def test_a_no_grad_pass_changes_neither_4bit_weights_nor_later_gradients(weights_folder, samples):
+    """Validation or generation between training steps must not switch the 4-bit layers to bitsandbytes' CPU
+    inference kernel, which rewrites the packed weights and has no backward."""
+    grads = []
+    for no_grad_pass_first in (False, True):
+        torch.manual_seed(0)
+        model = build_model(_quantized_config(weights_folder, "lavin"))
+        _perturb(model)
+        batch = collator_for(model)(samples)
+        packed = {n: p.clone() for n, p in model.named_parameters() if p.dtype == torch.uint8}
+        if no_grad_pass_first:
+            with torch.no_grad():
+                model.loss(batch)
+        for name, param in model.named_parameters():
+            if name in packed:
+                assert torch.equal(param, packed[name]), name
+        model.train()
+        model.loss(batch).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, msg=name)

@@ -18,7 +18,7 @@ from transformers import (
 )
 
 from mma.backbones.files import check_exists, check_gguf, read_safetensors_header, resolve_path
-from mma.backbones.quantize import load_nf4, quantize_in_place
+from mma.backbones.quantize import keep_4bit_layout, load_nf4, quantize_in_place
 from mma.backbones.tokenizer import byte_tokenizer
 from mma.errors import BackboneError, ConfigError
 
@@ -129,6 +129,7 @@ def load_llm(spec: LLMSpec, device: str | torch.device = "cpu") -> tuple[PreTrai
         with torch.device(device):
             model = LlamaForCausalLM(config).to(dtype)
     _check_llama_family(model, spec.path or spec.shape or "config")
+    keep_4bit_layout(model)
     model.requires_grad_(False).eval()
     return model, load_tokenizer(spec)
 

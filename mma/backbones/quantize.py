@@ -127,3 +127,17 @@ def _assign(model: PreTrainedModel, name: str, tensor: torch.Tensor, staging: to
     else:
         owned = tensor.to(device=device, dtype=staging.dtype, copy=True)  # tensor is a view of the read buffer
         setattr(module, attribute, nn.Parameter(owned, requires_grad=False))
+
+
+def keep_4bit_layout(model: nn.Module) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for its AVX512-BF16 CPU kernel.
+
+    A ``Linear4bit`` in eval mode that sees an input without grad (validation, generation, any ``no_grad`` pass)
+    rewrites its packed weight, in place, into that kernel's layout and uses the kernel from then on. The kernel has
+    no backward: every later training step would silently drop the gradient through each 4-bit layer (torch warns
+    "gemv_4bit: an autograd kernel was not registered"), and the frozen weights would have changed bytes. mma's
+    backbones are always in eval mode, so the repacking is turned off for the model's 4-bit layers.
+    """
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DDPStrategy
 from timm.data import create_transform, resolve_data_config
 from timm.models.vision_transformer import Block
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
@@ -110,6 +111,11 @@ class MMAModule(L.LightningModule):
         self.test_accuracy = torch.nn.ModuleList(GroupedAccuracy(groups) for _ in names)
         self.test_names = names
         self.overall_group = getattr(self.trainer.datamodule, "overall_group", "all")
+        if isinstance(self.trainer.strategy, DDPStrategy):
+            # A process whose batch is all text-only runs no ViT, so the ViT adapters and the projector get no
+            # gradient there, and DDP that does not look for unused parameters waits for them forever. Lightning
+            # wraps the model after this hook; an explicit ``find_unused_parameters`` in the recipe is kept.
+            self.trainer.strategy._ddp_kwargs.setdefault("find_unused_parameters", True)
 
     def on_train_start(self) -> None:
         # Lightning keeps the modes it finds; adapters must train (dropout on) while backbones stay in eval.

@@ -1,8 +1,9 @@
 """Scale-out through Lightning's DDP, from the recipe: two CPU processes (gloo) on the tiny backbones train the same
 adapter as one process with the same effective batch, and checkpoint only the adapter.
 
-``ddp_find_unused_parameters_true``, not plain ``ddp``: a process whose batch holds only text-only questions runs no
-ViT, so the ViT adapters and the projector get no gradient there, and plain DDP then waits forever for them.
+Plain ``strategy: ddp`` works: a process whose batch holds only text-only questions runs no ViT, so the ViT
+adapters and the projector get no gradient there, and ``MMAModule`` turns DDP's ``find_unused_parameters`` on so
+that DDP does not wait forever for them.
 """
 
 import os
@@ -39,7 +40,7 @@ def _args(root: Path, batch_size: int) -> list[str]:
 def _fit_two_processes(root: Path) -> Path:
     """``mma fit`` with DDP over 2 CPU processes; Lightning starts the second one. Returns the final checkpoint."""
     command = [sys.executable, "-m", "mma.cli", "fit", "--config", TINY, *_args(root, batch_size=2)]
-    command += ["--trainer.strategy=ddp_find_unused_parameters_true", "--trainer.devices=2"]
+    command += ["--trainer.strategy=ddp", "--trainer.devices=2"]
     process = subprocess.Popen(
         command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )

@@ -34,6 +34,14 @@ class MMACLI(LightningCLI):
             run=run,
         )
 
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> L.Trainer:
+        """The default Rich progress bar steps aside when the recipe turns progress bars off (Lightning refuses a
+        progress bar callback with ``enable_progress_bar: false``)."""
+        if config.get("enable_progress_bar") is False:
+            kept = [c for c in self.trainer_defaults["callbacks"] if not isinstance(c, RichProgressBar)]
+            self.trainer_defaults = {**self.trainer_defaults, "callbacks": kept}
+        return super()._instantiate_trainer(config, callbacks)
+
 
 def config_cli(config: str, overrides: list[str] | None = None) -> MMACLI:
     """Parse and instantiate a recipe without running anything (model weights load later, in ``configure_model``)."""

@@ -73,6 +73,12 @@ def test_every_adapter_preset_is_valid_for_its_method(preset):
     get_adapter(name).make_config(load_preset(str(preset)))
 
 
+def test_progress_bar_can_be_turned_off():
+    trainer = config_cli("recipes/demo.yaml", ["--trainer.enable_progress_bar=false"]).trainer
+    assert trainer.progress_bar_callback is None
+    assert config_cli("recipes/demo.yaml").trainer.progress_bar_callback is not None
+
+
 def test_missing_preset_is_named():
     with pytest.raises(ConfigError, match="adapter preset 'adapters/nope.yaml' does not exist"):
         load_preset("adapters/nope.yaml")

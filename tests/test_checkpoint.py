@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import TINY_LLM, collator_for, tiny_config, tiny_model
+from conftest import TINY_LLM, collator_for, tiny_config, tiny_model, tiny_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from safetensors.torch import load_file, save_file
@@ -249,14 +249,11 @@ def _trained_checkpoint(tmp_path) -> tuple[MMAModule, object]:
     L.seed_everything(0, verbose=False)
     module = MMAModule(tiny_config(), OptimizerConfig(lr=1e-2), max_length=192)
     data = SyntheticVQADataModule(train_size=8, image_size=32, batch_size=4)
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = tiny_trainer(
         max_steps=2,
         logger=CSVLogger(tmp_path),
         log_every_n_steps=1,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
+        enable_checkpointing=True,
         callbacks=[ModelCheckpoint(save_last=True)],
     )
     trainer.fit(module, datamodule=data)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import TINY_LLM, tiny_model
+from conftest import TINY_LLM, tiny_model, tiny_trainer
 from peft import PeftModel
 
 from mma.backbones import LLMSpec, load_llm
@@ -47,15 +47,7 @@ def test_export_command_writes_the_peft_folder(tmp_path):
     module = MMAModule(tiny_config("lora"), max_length=192)
     data = SyntheticVQADataModule(train_size=4, image_size=32, batch_size=2)
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=2,
-        logger=False,
-        enable_progress_bar=False,
-        limit_val_batches=0,
-        callbacks=[checkpoints],
-        default_root_dir=tmp_path,
-    )
+    trainer = tiny_trainer(max_steps=2, enable_checkpointing=True, callbacks=[checkpoints], default_root_dir=tmp_path)
     trainer.fit(module, datamodule=data)
     main(
         [

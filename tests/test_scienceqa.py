@@ -216,8 +216,7 @@ def test_llava_conversations(tmp_path):
 
 
 def test_fit_and_test_write_predictions_and_the_table(tmp_path):
-    import lightning as L
-    from conftest import tiny_config
+    from conftest import tiny_config, tiny_trainer
 
     from mma.module import MMAModule
 
@@ -231,15 +230,7 @@ def test_fit_and_test_write_predictions_and_the_table(tmp_path):
             Image.new("RGB", (32, 32)).save(root / "images" / problem["split"] / pid / "image.png")
     data = ScienceQADataModule(root=str(root), prompt_format="QCM-A", batch_size=2, eval_batch_size=2)
     module = MMAModule(tiny_config(), max_length=384, max_new_tokens=4)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=2,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-        limit_val_batches=0,
-    )
+    trainer = tiny_trainer(max_steps=2, default_root_dir=tmp_path)
     trainer.fit(module, datamodule=data)
     results = trainer.test(module, datamodule=data, verbose=False)[0]
     assert set(f"test/{c}" for c in OFFICIAL_COLUMNS) <= set(results)

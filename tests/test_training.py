@@ -26,18 +26,8 @@ def _run(
     data = SyntheticVQADataModule(
         train_size=train_size, val_size=4, test_size=4, image_size=32, batch_size=4, eval_batch_size=4
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=max_steps,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=list(callbacks),
-        **trainer_kwargs,
-    )
+    settings = {"enable_checkpointing": True, **trainer_kwargs}
+    trainer = tiny_trainer(max_steps=max_steps, default_root_dir=tmp_path, callbacks=list(callbacks), **settings)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return module
 
@@ -170,13 +160,7 @@ def test_predict_writes_generated_answers(tmp_path):
 
     module = MMAModule(tiny_config(), max_length=192, max_new_tokens=4)
     data = SyntheticVQADataModule(test_size=3, image_size=32, eval_batch_size=2)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        default_root_dir=tmp_path,
-        callbacks=[PredictionWriter()],
-    )
+    trainer = tiny_trainer(default_root_dir=tmp_path, callbacks=[PredictionWriter()])
     trainer.predict(module, datamodule=data, return_predictions=False)
     rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 3

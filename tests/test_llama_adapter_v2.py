@@ -96,14 +96,16 @@ def test_depth_settings_are_checked():
 
 
 def test_parameter_groups_follow_the_paper():
-    """Caption data trains the projection and the early-fusion gates; instruction data everything else."""
+    """Caption data trains the projection (with the visual tokens' norm) and the early-fusion gates; instruction
+    data everything else."""
     model = tiny_model("llama-adapter-v2")
     names = {id(p): n for n, p in model.named_parameters()}
     caption = {names[id(p)] for p in source_parameters(model, CAPTION)}
     instruction = {names[id(p)] for p in source_parameters(model, INSTRUCTION)}
-    assert caption == {n for n in names.values() if n.startswith("projector.")} | {
-        "llm.model.layers.0.self_attn.visual_gate.weight"
+    visual = {
+        f"llm.model.layers.0.self_attn.{n}" for n in ("visual_gate.weight", "visual_norm.weight", "visual_norm.bias")
     }
+    assert caption == {n for n in names.values() if n.startswith("projector.")} | visual
     assert not caption & instruction
     assert caption | instruction == {n for n, p in model.named_parameters() if p.requires_grad}
 

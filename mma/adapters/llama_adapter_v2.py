@@ -3,8 +3,8 @@
 - Adaption prompts: the top ``prompt_layers`` attention modules are wrapped; each projects its own learnable prompt
   with the layer's k/v projections (no rotary embedding), lets the rotated queries attend it with a separate
   softmax, gates the result per head with ``tanh(g)`` (``g = 0``) and adds it, through ``o_proj``, to the output.
-- Early fusion: the first ``visual_layers`` attention modules take the projected visual tokens as a prompt with
-  its own zero-init gate; the tokens leave the LLM sequence (``VisionLanguageModel.fuse_visual_into_adapters``).
+- Early fusion: the first ``visual_layers`` attention modules take the projected visual tokens, layer-normed, as a
+  prompt with its own zero-init gate; the tokens leave the LLM sequence (``VisionLanguageModel.fuse_visual_into_adapters``).
 - Bias and scale on the targeted linears (``BiasScaleLinear``), trainable RMSNorms (``TunedNorm``).
 - Joint training: the projector and the early-fusion gates train on caption batches, everything else on
   instruction batches (``train_source``; see ``mma.adapters.base.source_parameters``).
@@ -51,6 +51,18 @@ class LlamaAdapterV2Config:
     norms: bool = True
 
 
+class VisualPromptNorm(nn.LayerNorm):
+    """LayerNorm over the visual tokens before an early-fusion layer projects them: the tokens come from the
+    projector at whatever scale it learned, while the layer's k/v projections expect normed hidden states (the
+    released V2 code ends its visual projection with such a norm). Trained with the projection, on caption data."""
+
+    part = "visual norm"
+    train_source = CAPTION
+
+    def adapter_params(self) -> list[str]:
+        return ["weight", "bias"]
+
+
 class AdaptionPromptAttention(nn.Module):
     """A HF LLaMA-family attention module plus zero-init gated prompt branches: a static learnable prompt and/or
     the sample's visual tokens. Each branch is ``gate * softmax(q k_p^T / sqrt(d)) v_p``, heads concatenated and
@@ -74,6 +86,7 @@ class AdaptionPromptAttention(nn.Module):
         self.prompt = nn.Parameter(torch.randn(1, prompt_length, hidden, device=device)) if prompt_length else None
         self.prompt_gate = ZeroInitGate(heads, kind).to(device) if prompt_length else None
         self.visual_gate = ZeroInitGate(heads, kind).to(device) if visual else None
+        self.visual_norm = VisualPromptNorm(hidden, device=device) if visual else None
         for gate_module, source in ((self.prompt_gate, INSTRUCTION), (self.visual_gate, CAPTION)):
             if gate_module is not None:
                 gate_module.train_source = source
@@ -113,7 +126,8 @@ class AdaptionPromptAttention(nn.Module):
             keys_values = self._keys_values("prompt", self.prompt, hidden_states.dtype)
             branches.append(self._attend(query, keys_values, self.prompt_gate()))
         if use_visual:
-            seen = self._attend(query, self._keys_values("visual", visual, hidden_states.dtype), self.visual_gate())
+            keys_values = self._keys_values("visual", self.visual_norm(visual.float()), hidden_states.dtype)
+            seen = self._attend(query, keys_values, self.visual_gate())
             branches.append(seen * has_image.to(seen.dtype).view(-1, 1, 1, 1))
         branch = sum(branches[1:], branches[0]).transpose(1, 2).flatten(2)  # (B, T, H * hd)
         return output + linear_part(self.attention.o_proj, branch), weights

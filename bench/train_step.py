@@ -88,7 +88,8 @@ def compare_with_peft(config: str, steps: int) -> None:
     layers = len(ours.llm.model.layers)
     bare, _ = build(config, "none")
     peer = get_peft_model(bare.llm, AdaptionPromptConfig(adapter_len=10, adapter_layers=layers, task_type="CAUSAL_LM"))
-    input_ids = torch.randint(100, 20_000, (BATCH, TOKENS), generator=torch.Generator().manual_seed(0))
+    vocab = ours.llm.config.vocab_size
+    input_ids = torch.randint(vocab // 10, vocab, (BATCH, TOKENS), generator=torch.Generator().manual_seed(0))
     runs = {}
     for name, llm in (("mma", ours.llm), ("peft", peer)):
         llm.train()

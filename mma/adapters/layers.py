@@ -113,13 +113,3 @@ class TunedNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.norm.weight.float() + self.delta  # in fp32: a bf16 sum would round small deltas away
         return functional_call(self.norm, {"weight": weight}, (x,)).to(x.dtype)
-
-
-def linear_part(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x) - layer(0)``: the linear part of a (possibly bias/scale-wrapped) linear layer, for a branch whose
-    output is added to the layer's own output and must not pick up its bias twice."""
-    if isinstance(layer, BiasScaleLinear):
-        return linear_part(layer.base, x) * layer.scale.to(x.dtype)
-    y = layer(x)
-    bias = getattr(layer, "bias", None)
-    return y if bias is None else y - bias.to(y.dtype)

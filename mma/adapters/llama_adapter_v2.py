@@ -2,12 +2,13 @@
 
 - Adaption prompts: the top ``prompt_layers`` attention modules are wrapped; each projects its own learnable prompt
   with the layer's k/v projections (no rotary embedding), lets the rotated queries attend it with a separate
-  softmax, gates the result per head with ``tanh(g)`` (``g = 0``) and adds it, through ``o_proj``, to the output.
+  softmax, gates the result per head with ``tanh(g)`` (``g = 0``) and adds it to the heads that enter ``o_proj``.
 - Early fusion: the first ``visual_layers`` attention modules take the projected visual tokens, layer-normed, as a
-  prompt with its own zero-init gate; the tokens leave the LLM sequence (``VisionLanguageModel.fuse_visual_into_adapters``).
+  prompt with its own zero-init gate; the tokens leave the LLM sequence
+  (``VisionLanguageModel.fuse_visual_into_adapters``).
 - Bias and scale on the targeted linears (``BiasScaleLinear``), trainable RMSNorms (``TunedNorm``).
-- Joint training: the projector and the early-fusion gates train on caption batches, everything else on
-  instruction batches (``train_source``; see ``mma.adapters.base.source_parameters``).
+- Joint training: the projector, the visual norm and the early-fusion gates train on caption batches, everything
+  else on instruction batches (``train_source``; see ``mma.adapters.base.source_parameters``).
 """
 
 import dataclasses
@@ -20,7 +21,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import rotate_half
 
 from mma.adapters.base import CAPTION, HAS_IMAGE, INSTRUCTION, VISUAL_TOKENS, register_adapter
-from mma.adapters.layers import BiasScaleLinear, TunedNorm, ZeroInitGate, linear_part
+from mma.adapters.layers import BiasScaleLinear, TunedNorm, ZeroInitGate
 from mma.errors import ConfigError
 
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -65,10 +66,13 @@ class VisualPromptNorm(nn.LayerNorm):
 
 class AdaptionPromptAttention(nn.Module):
     """A HF LLaMA-family attention module plus zero-init gated prompt branches: a static learnable prompt and/or
-    the sample's visual tokens. Each branch is ``gate * softmax(q k_p^T / sqrt(d)) v_p``, heads concatenated and
-    passed through the layer's ``o_proj`` (without its bias), added to the attention output.
+    the sample's visual tokens. Each branch is ``gate * softmax(q k_p^T / sqrt(d)) v_p`` per head; the heads are
+    added to the attention's own heads just before ``o_proj``, as in LLaMA-Adapter's code.
 
-    Prompt keys/values are computed once per ``generate`` call (a ``GenerationCache``), not once per token.
+    The attention module runs unchanged: a forward hook on its ``q_proj`` hands over the queries it computes, and
+    a pre-hook on its ``o_proj`` adds the branches to that layer's input, so no projection runs twice. The hooks act
+    only during this wrapper's own call. Prompt keys/values are computed once per ``generate`` call (a
+    ``GenerationCache``), not once per token.
     """
 
     wraps = "attention"
@@ -91,6 +95,9 @@ class AdaptionPromptAttention(nn.Module):
             if gate_module is not None:
                 gate_module.train_source = source
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._call: dict | None = None  # this call's inputs for the hooks; None outside ``forward``
+        attention.q_proj.register_forward_hook(self._take_queries)
+        attention.o_proj.register_forward_pre_hook(self._add_branches)
 
     def adapter_params(self) -> list[str]:
         return ["prompt"] if self.prompt is not None else []
@@ -110,33 +117,45 @@ class AdaptionPromptAttention(nn.Module):
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         visual, has_image = kwargs.pop(VISUAL_TOKENS, None), kwargs.pop(HAS_IMAGE, None)
-        output, weights = self.attention(
-            hidden_states=hidden_states,
-            position_embeddings=position_embeddings,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            **kwargs,
-        )
         use_visual = self.visual_gate is not None and visual is not None
-        if self.prompt is None and not use_visual:
-            return output, weights
-        query = self._query(hidden_states, position_embeddings)  # (B, H, T, hd)
+        if self.prompt is not None or use_visual:
+            self._call = {"rotary": position_embeddings, "visual": visual if use_visual else None, "rows": has_image}
+        try:
+            return self.attention(
+                hidden_states=hidden_states,
+                position_embeddings=position_embeddings,
+                attention_mask=attention_mask,
+                past_key_values=past_key_values,
+                **kwargs,
+            )
+        finally:
+            self._call = None
+
+    def _take_queries(self, q_proj: nn.Module, args: tuple, queries: torch.Tensor) -> None:
+        if self._call is not None:
+            self._call["queries"] = queries  # (B, T, H * hd), before the rotary embedding
+
+    def _add_branches(self, o_proj: nn.Module, args: tuple) -> tuple[torch.Tensor] | None:
+        """``o_proj``'s input (B, T, H * hd) plus every gated prompt branch."""
+        if self._call is None:
+            return None
+        heads = args[0]
+        query = self._rotated(self._call["queries"], self._call["rotary"])  # (B, H, T, hd)
         branches = []
         if self.prompt is not None:
-            keys_values = self._keys_values("prompt", self.prompt, hidden_states.dtype)
+            keys_values = self._keys_values("prompt", self.prompt, heads.dtype)
             branches.append(self._attend(query, keys_values, self.prompt_gate()))
-        if use_visual:
-            keys_values = self._keys_values("visual", self.visual_norm(visual.float()), hidden_states.dtype)
+        if self._call["visual"] is not None:
+            keys_values = self._keys_values("visual", self.visual_norm(self._call["visual"].float()), heads.dtype)
             seen = self._attend(query, keys_values, self.visual_gate())
-            branches.append(seen * has_image.to(seen.dtype).view(-1, 1, 1, 1))
+            branches.append(seen * self._call["rows"].to(seen.dtype).view(-1, 1, 1, 1))
         branch = sum(branches[1:], branches[0]).transpose(1, 2).flatten(2)  # (B, T, H * hd)
-        return output + linear_part(self.attention.o_proj, branch), weights
+        return (heads + branch.to(heads.dtype),)
 
-    def _query(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]):
-        """The layer's rotated queries (the attention module does not return them): (B, H, T, hd)."""
-        query = self.attention.q_proj(hidden_states)
-        query = query.view(*hidden_states.shape[:-1], -1, self.head_dim).transpose(1, 2)
-        cos, sin = (t.unsqueeze(1) for t in position_embeddings)
+    def _rotated(self, queries: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """(B, T, H * hd) -> (B, H, T, hd) with the rotary embedding applied, as the attention applies it."""
+        query = queries.view(*queries.shape[:-1], -1, self.head_dim).transpose(1, 2)
+        cos, sin = (t.unsqueeze(1) for t in rotary)
         return query * cos + rotate_half(query) * sin
 
     def _keys_values(self, name: str, prompt: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

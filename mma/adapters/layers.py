@@ -111,5 +111,7 @@ class TunedNorm(nn.Module):
         return ["delta"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.norm.weight.float() + self.delta  # in fp32: a bf16 sum would round small deltas away
-        return functional_call(self.norm, {"weight": weight}, (x,)).to(x.dtype)
+        # Summed in fp32, then stored as the norm stores its weight (as mixed precision rounds any weight for
+        # compute): an fp32 weight would promote the norm's whole output to fp32, a full-width pass to undo.
+        weight = (self.norm.weight.float() + self.delta).to(self.norm.weight.dtype)
+        return functional_call(self.norm, {"weight": weight}, (x,))

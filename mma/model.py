@@ -258,7 +258,7 @@ class VisionLanguageModel(nn.Module):
                     inputs_embeds=step_input,
                     attention_mask=self.attention_mask(valid, query_length),
                     position_ids=self.position_ids(valid)[:, -step_input.shape[1] :],
-                    past_key_values=cache,
+                    cache=cache,
                     use_cache=use_cache,
                     logits_to_keep=1,
                     **layer_inputs,

@@ -113,7 +113,6 @@ class AdaptionPromptAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
-        past_key_values=None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         visual, has_image = kwargs.pop(VISUAL_TOKENS, None), kwargs.pop(HAS_IMAGE, None)
@@ -125,7 +124,6 @@ class AdaptionPromptAttention(nn.Module):
                 hidden_states=hidden_states,
                 position_embeddings=position_embeddings,
                 attention_mask=attention_mask,
-                past_key_values=past_key_values,
                 **kwargs,
             )
         finally:

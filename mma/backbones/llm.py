@@ -11,6 +11,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     BitsAndBytesConfig,
+    GgufConfig,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
@@ -207,7 +208,9 @@ def _from_weights(path: str, dtype: torch.dtype, quantization: BitsAndBytesConfi
         dtype=dtype,
         attn_implementation="sdpa",
         low_cpu_mem_usage=True,
-        quantization_config=quantization,
+        # GGUF: unpacked to dense ``dtype`` weights, which adapters wrap and gradients flow through (transformers
+        # 5.24+ would otherwise keep GGUF-packed layers where it finds a kernel for them)
+        quantization_config=GgufConfig(dequantize=True) if gguf_file is not None else quantization,
     )
 
 

@@ -2,10 +2,11 @@
 
     python bench/train_step.py [--config recipes/demo.yaml] [--threads 2] [--steps 6]
 
-Builds the demo recipe's backbones once per method: only the projector trainable (`none`, the floor), LaVIN MMA
+Builds the recipe's backbones once per method: only the projector trainable (`none`, the floor), LaVIN MMA
 adapters and LLaMA-Adapter V2 (each with its default settings), and times, alternating between them so drift hits
 all alike:
-  - one optimizer step at batch 4 x 256 tokens (forward, backward, AdamW) under the recipe's precision;
+  - one optimizer step at batch 4 x 256 tokens (forward, backward, AdamW) under the recipe's precision (the
+    Trainer's own forward context: autocast for ``bf16-mixed``, none for ``32-true``);
   - greedy generation with KV cache (tokens per second).
 Then, on the text-only LLM, mma's adaption prompts against peft's (``AdaptionPromptConfig``) with the same
 settings: 10-token prompts in every layer, one ungated scalar per layer, no bias/scale or norms.
@@ -19,9 +20,11 @@ import time
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.plugins import Precision
 from peft import AdaptionPromptConfig, get_peft_model
 
 from mma.cli import config_cli
+from mma.optim import OptimizerConfig, make_optimizer
 
 BATCH, TOKENS, NEW_TOKENS, SCORED = 4, 256, 32, 16
 ADAPTERS = ("none", "lavin", "llama-adapter-v2")
@@ -29,10 +32,17 @@ TARGETS = {"lavin": 1.10, "llama-adapter-v2": 1.25}
 
 
 def build(config: str, adapter: str, settings: dict | None = None):
+    """The recipe's model with ``adapter`` attached, its collator, and its Trainer's precision context."""
     options = ["--model.model.adapter", adapter, "--model.model.adapter_config", json.dumps(settings or {})]
-    module = config_cli(config, [*options, "--model.max_length", "512"]).model
-    module.configure_model()
-    return module.model, module.collator
+    cli = config_cli(config, [*options, "--model.max_length", "512"])
+    cli.model.configure_model()
+    return cli.model.model, cli.model.collator, cli.trainer.precision_plugin
+
+
+def adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The optimizer ``mma fit`` builds, over the trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return make_optimizer(params, OptimizerConfig(lr=1e-5), torch.device("cpu"))
 
 
 def samples(collator, tokens: int) -> list[dict]:
@@ -51,9 +61,9 @@ def samples(collator, tokens: int) -> list[dict]:
     return [{"prompt": prompt, "answer": "The answer is red.", "image": image} for _ in range(BATCH)]
 
 
-def time_train_step(model, batch, optimizer) -> float:
+def time_train_step(model, batch, optimizer, precision: Precision) -> float:
     start = time.perf_counter()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with precision.forward_context():
         loss = model.loss(batch)
     loss.backward()
     optimizer.step()
@@ -61,19 +71,19 @@ def time_train_step(model, batch, optimizer) -> float:
     return time.perf_counter() - start
 
 
-def time_generation(model, batch) -> float:
+def time_generation(model, batch, precision: Precision) -> float:
     """Seconds per generated token (batch rows x steps); every run decodes NEW_TOKENS steps."""
     start = time.perf_counter()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with precision.forward_context():
         model.generate(batch, max_new_tokens=NEW_TOKENS, stop_at_eos=False)
     return (time.perf_counter() - start) / (BATCH * NEW_TOKENS)
 
 
-def time_text_step(llm, input_ids: torch.Tensor, optimizer) -> float:
+def time_text_step(llm, input_ids: torch.Tensor, optimizer, precision: Precision) -> float:
     """One optimizer step of the LLM alone on text, scoring the last SCORED positions (the LM head over every
     position would cost as much as the rest and hide the difference)."""
     start = time.perf_counter()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with precision.forward_context():
         logits = llm(input_ids=input_ids, logits_to_keep=SCORED + 1).logits[:, :-1]
     loss = F.cross_entropy(logits.float().flatten(0, 1), input_ids[:, -SCORED:].flatten())
     loss.backward()
@@ -84,21 +94,23 @@ def time_text_step(llm, input_ids: torch.Tensor, optimizer) -> float:
 
 def compare_with_peft(config: str, steps: int) -> None:
     """mma's LLaMA-Adapter V2 reduced to adaption prompts against peft's adaption prompt, same LLM, same text."""
-    ours, _ = build(config, "llama-adapter-v2", dict(gate="scalar", bias_scale=False, norms=False, visual_layers=0))
+    ours, _, precision = build(
+        config, "llama-adapter-v2", dict(gate="scalar", bias_scale=False, norms=False, visual_layers=0)
+    )
     layers = len(ours.llm.model.layers)
-    bare, _ = build(config, "none")
+    bare, _, _ = build(config, "none")
     peer = get_peft_model(bare.llm, AdaptionPromptConfig(adapter_len=10, adapter_layers=layers, task_type="CAUSAL_LM"))
     vocab = ours.llm.config.vocab_size
     input_ids = torch.randint(vocab // 10, vocab, (BATCH, TOKENS), generator=torch.Generator().manual_seed(0))
     runs = {}
     for name, llm in (("mma", ours.llm), ("peft", peer)):
         llm.train()
-        optimizer = torch.optim.AdamW([p for p in llm.parameters() if p.requires_grad], lr=1e-5)
+        optimizer = adamw(llm)
         runs[name] = dict(llm=llm, opt=optimizer, step=[])
-        time_text_step(llm, input_ids, optimizer)  # warm-up
+        time_text_step(llm, input_ids, optimizer, precision)  # warm-up
     for _ in range(steps):
         for run in runs.values():
-            run["step"].append(time_text_step(run["llm"], input_ids, run["opt"]))
+            run["step"].append(time_text_step(run["llm"], input_ids, run["opt"], precision))
     step = {name: statistics.median(run["step"]) for name, run in runs.items()}
     print(f"text-only LLM, adaption prompts in all {layers} layers: mma {step['mma']:.3f} s, peft {step['peft']:.3f} s")
     print(f"training step, mma / peft adaption prompt: {step['mma'] / step['peft']:.3f}x  (target <= 1.00x)")
@@ -115,22 +127,22 @@ def main() -> None:
 
     runs = {}
     for adapter in ADAPTERS:
-        model, collator = build(args.config, adapter)
+        model, collator, precision = build(args.config, adapter)
         train_batch = collator(samples(collator, TOKENS))
         prompt_batch = collator([{**s, "answer": None} for s in samples(collator, TOKENS // 2)])
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        optimizer = adamw(model)
         runs[adapter] = dict(model=model, train=train_batch, prompt=prompt_batch, opt=optimizer, step=[], gen=[])
-    print(f"batch {BATCH} x {train_batch['input_ids'].shape[1]} tokens, {args.threads} threads, bf16 autocast")
+    print(f"batch {BATCH} x {train_batch['input_ids'].shape[1]} tokens, {args.threads} threads, {precision.precision}")
 
     for run in runs.values():  # warm-up: allocator, autocast caches, first-call overheads
         run["model"].train()
-        time_train_step(run["model"], run["train"], run["opt"])
+        time_train_step(run["model"], run["train"], run["opt"], precision)
     for _ in range(args.steps):
         for run in runs.values():
             run["model"].train()
-            run["step"].append(time_train_step(run["model"], run["train"], run["opt"]))
+            run["step"].append(time_train_step(run["model"], run["train"], run["opt"], precision))
             run["model"].eval()
-            run["gen"].append(time_generation(run["model"], run["prompt"]))
+            run["gen"].append(time_generation(run["model"], run["prompt"], precision))
 
     step = {name: statistics.median(run["step"]) for name, run in runs.items()}
     gen = {name: 1 / statistics.median(run["gen"]) for name, run in runs.items()}

@@ -145,10 +145,10 @@ class AdaptionPromptAttention(nn.Module):
             branches.append(self._attend(query, keys_values, self.prompt_gate()))
         if self._call["visual"] is not None:
             keys_values = self._keys_values("visual", self.visual_norm(self._call["visual"].float()), heads.dtype)
-            seen = self._attend(query, keys_values, self.visual_gate())
-            branches.append(seen * self._call["rows"].to(seen.dtype).view(-1, 1, 1, 1))
-        branch = sum(branches[1:], branches[0]).transpose(1, 2).flatten(2)  # (B, T, H * hd)
-        return (heads + branch.to(heads.dtype),)
+            rows = self._call["rows"].view(-1, 1, 1, 1)  # rows without an image get no visual branch
+            branches.append(self._attend(query, keys_values, self.visual_gate(), rows))
+        branch = sum(branches[1:], branches[0]).transpose(1, 2)  # (B, T, H, hd), a strided view
+        return (heads.unflatten(-1, branch.shape[-2:]).add(branch.to(heads.dtype)).flatten(2),)
 
     def _rotated(self, queries: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """(B, T, H * hd) -> (B, H, T, hd) with the rotary embedding applied, as the attention applies it."""
@@ -170,11 +170,28 @@ class AdaptionPromptAttention(nn.Module):
             self._cache[name] = keys_values
         return keys_values
 
-    def _attend(self, query: torch.Tensor, keys_values: tuple[torch.Tensor, torch.Tensor], gate: torch.Tensor):
-        """``gate * softmax(q k^T / sqrt(hd)) v`` per head, the prompt's own softmax: (B, H, T, hd)."""
-        keys, values = (t.to(query.dtype).expand(query.shape[0], -1, -1, -1) for t in keys_values)
-        out = F.scaled_dot_product_attention(query, keys, values, enable_gqa=True)
-        return out * gate.to(out.dtype).view(1, -1, 1, 1)
+    def _attend(
+        self,
+        query: torch.Tensor,
+        keys_values: tuple[torch.Tensor, torch.Tensor],
+        gate: torch.Tensor,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``gate * softmax(q k^T / sqrt(hd)) v`` per head, the prompt's own softmax: (B, H, T, hd).
+
+        The gate (and the per-row mask ``rows``, (B, 1, 1, 1)) scales the P prompt values, not the T outputs:
+        the same product, a pass over a tensor T / P times smaller, forward and backward.
+        """
+        keys, values = keys_values
+        query_heads, kv_heads = query.shape[1], keys.shape[1]
+        gate = gate.to(query.dtype).expand(query_heads)
+        if kv_heads != query_heads:  # one value copy per query head, so each can carry its own gate
+            keys, values = (t.repeat_interleave(query_heads // kv_heads, dim=1) for t in (keys, values))
+        values = values.to(query.dtype) * gate.view(1, -1, 1, 1)
+        if rows is not None:
+            values = values * rows.to(values.dtype)
+        keys, values = (t.to(query.dtype).expand(query.shape[0], -1, -1, -1) for t in (keys, values))
+        return F.scaled_dot_product_attention(query, keys, values)
 
 
 @register_adapter("llama-adapter-v2", LlamaAdapterV2Config)

@@ -51,24 +51,17 @@ def merge_adapter(model: VisionLanguageModel, adapter: str, modality: str | None
     7B model is made), so ``model`` is spent afterwards."""
     if adapter not in _FOLDS:
         raise ConfigError(f"adapter {adapter!r} cannot be merged into the LLM; mergeable: {', '.join(sorted(_FOLDS))}")
-    drop_quantizer_record(model.llm)
+    refuse_packed_weights(model.llm)
     with torch.no_grad():
         return _FOLDS[adapter](model, modality)
 
 
-def drop_quantizer_record(llm: PreTrainedModel) -> None:
-    """Let ``save_pretrained`` write the merged LLM as a plain float model.
-
-    A GGUF backbone is unpacked into float weights when loaded but keeps its quantizer record, and
-    ``save_pretrained`` refuses to save a model that has one. Weights still packed (integer tensors, as 4-bit
-    layers hold) would have to be dequantised first, which mma does not do yet: that is refused.
-    """
-    quantizer = getattr(llm, "hf_quantizer", None)
+def refuse_packed_weights(llm: PreTrainedModel) -> None:
+    """Folding needs float weights; packed ones (integer tensors, as 4-bit layers hold) are refused, as mma does not
+    dequantise them. GGUF backbones are unpacked to float weights when loaded (``mma.backbones.llm``)."""
     packed = [name for name, param in llm.named_parameters() if not param.is_floating_point()]
     if packed:
         raise ConfigError(f"the LLM holds packed quantized weights ({packed[0]}, ...); mma cannot dequantise them")
-    if quantizer is not None:
-        quantizer.remove_quantization_config(llm)
 
 
 @register_fold("lavin")

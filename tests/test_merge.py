@@ -4,8 +4,6 @@ import pytest
 import torch
 from conftest import tiny_config, tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.quantizers.quantizer_gguf import GgufHfQuantizer
-from transformers.utils.quantization_config import GgufConfig
 
 from mma.backbones import load_llm
 from mma.checkpoint import save_adapter
@@ -75,18 +73,6 @@ def test_lavin_merge_needs_a_modality(tmp_path):
     _, folder = _adapted(tmp_path)
     with pytest.raises(ConfigError, match="choose the modality to fold for"):
         merge_to_folder(folder, tmp_path / "merged")
-
-
-def test_a_gguf_backbone_merges_into_plain_float_weights(tmp_path):
-    """GGUF backbones are unpacked at load but keep transformers' quantizer record, which blocks saving."""
-    model, _ = _adapted(tmp_path)
-    model.llm.hf_quantizer = GgufHfQuantizer(GgufConfig(gguf_file="model.gguf"))
-    model.llm.is_quantized, model.llm.config.quantization_config = True, model.llm.hf_quantizer.quantization_config
-    with pytest.raises(ValueError, match="not serializable"):
-        model.llm.save_pretrained(tmp_path / "refused")
-    merge_adapter(model, "lavin", "text").save_pretrained(tmp_path / "merged")
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
-    assert merged.config.attention_bias and getattr(merged.config, "quantization_config", None) is None
 
 
 def test_packed_quantized_weights_are_refused(tmp_path):

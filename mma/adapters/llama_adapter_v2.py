@@ -182,15 +182,14 @@ class AdaptionPromptAttention(nn.Module):
         The gate (and the per-row mask ``rows``, (B, 1, 1, 1)) scales the P prompt values, not the T outputs:
         the same product, a pass over a tensor T / P times smaller, forward and backward.
         """
-        keys, values = keys_values
+        keys, values = (t.to(query.dtype) for t in keys_values)
         query_heads, kv_heads = query.shape[1], keys.shape[1]
-        gate = gate.to(query.dtype).expand(query_heads)
         if kv_heads != query_heads:  # one value copy per query head, so each can carry its own gate
             keys, values = (t.repeat_interleave(query_heads // kv_heads, dim=1) for t in (keys, values))
-        values = values.to(query.dtype) * gate.view(1, -1, 1, 1)
+        values = values * gate.to(query.dtype).expand(query_heads).view(1, -1, 1, 1)
         if rows is not None:
             values = values * rows.to(values.dtype)
-        keys, values = (t.to(query.dtype).expand(query.shape[0], -1, -1, -1) for t in (keys, values))
+        keys, values = (t.expand(query.shape[0], -1, -1, -1) for t in (keys, values))
         return F.scaled_dot_product_attention(query, keys, values)
 
 

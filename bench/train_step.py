@@ -32,7 +32,7 @@ TARGETS = {"lavin": 1.10, "llama-adapter-v2": 1.25}
 
 
 def build(config: str, adapter: str, settings: dict | None = None):
-    """The recipe's model with ``adapter`` attached, its collator, and its Trainer's precision context."""
+    """The recipe's model with ``adapter`` attached, its collator, and its Trainer's precision plugin."""
     options = ["--model.model.adapter", adapter, "--model.model.adapter_config", json.dumps(settings or {})]
     cli = config_cli(config, [*options, "--model.max_length", "512"])
     cli.model.configure_model()
@@ -131,18 +131,20 @@ def main() -> None:
         train_batch = collator(samples(collator, TOKENS))
         prompt_batch = collator([{**s, "answer": None} for s in samples(collator, TOKENS // 2)])
         optimizer = adamw(model)
-        runs[adapter] = dict(model=model, train=train_batch, prompt=prompt_batch, opt=optimizer, step=[], gen=[])
+        runs[adapter] = dict(
+            model=model, train=train_batch, prompt=prompt_batch, opt=optimizer, precision=precision, step=[], gen=[]
+        )
     print(f"batch {BATCH} x {train_batch['input_ids'].shape[1]} tokens, {args.threads} threads, {precision.precision}")
 
     for run in runs.values():  # warm-up: allocator, autocast caches, first-call overheads
         run["model"].train()
-        time_train_step(run["model"], run["train"], run["opt"], precision)
+        time_train_step(run["model"], run["train"], run["opt"], run["precision"])
     for _ in range(args.steps):
         for run in runs.values():
             run["model"].train()
-            run["step"].append(time_train_step(run["model"], run["train"], run["opt"], precision))
+            run["step"].append(time_train_step(run["model"], run["train"], run["opt"], run["precision"]))
             run["model"].eval()
-            run["gen"].append(time_generation(run["model"], run["prompt"], precision))
+            run["gen"].append(time_generation(run["model"], run["prompt"], run["precision"]))
 
     step = {name: statistics.median(run["step"]) for name, run in runs.items()}
     gen = {name: 1 / statistics.median(run["gen"]) for name, run in runs.items()}

@@ -17,7 +17,7 @@ import time
 import torch
 from train_step import time_train_step  # bench/ is on sys.path when run as a script
 
-from mma.cli import config_cli
+from mma.recipe import config_cli
 
 
 def main() -> None:

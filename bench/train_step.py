@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from lightning.pytorch.plugins import Precision
 from peft import AdaptionPromptConfig, get_peft_model
 
-from mma.cli import config_cli
+from mma.adapters import get_adapter
 from mma.optim import OptimizerConfig, make_optimizer
+from mma.recipe import config_cli
 
 BATCH, TOKENS, NEW_TOKENS, SCORED = 4, 256, 32, 16
 ADAPTERS = ("none", "lavin", "llama-adapter-v2")
@@ -33,10 +34,11 @@ TARGETS = {"lavin": 1.10, "llama-adapter-v2": 1.25}
 
 def build(config: str, adapter: str, settings: dict | None = None):
     """The recipe's model with ``adapter`` attached, its collator, and its Trainer's precision plugin."""
-    options = ["--model.model.adapter", adapter, "--model.model.adapter_config", json.dumps(settings or {})]
+    spec = {"class_path": get_adapter(adapter).settings.__name__, "init_args": settings or {}}
+    options = ["--model.model.adapter", json.dumps(spec)]
     cli = config_cli(config, [*options, "--model.max_length", "512"])
     cli.model.configure_model()
-    return cli.model.model, cli.model.collator, cli.trainer.precision_plugin
+    return cli.model.model, cli.model.make_collator(), cli.trainer.precision_plugin
 
 
 def adamw(model: torch.nn.Module) -> torch.optim.Optimizer:

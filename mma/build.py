@@ -1,12 +1,10 @@
 """Assemble a vision-language model from typed specs: load frozen backbones, attach one adapter method."""
 
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 
 import torch
-from omegaconf import OmegaConf
 
-from mma.adapters import get_adapter, set_trainable_params
+from mma.adapters import AdapterSettings, LaVIN, method_of, set_trainable_params, settings_from_spec, settings_spec
 from mma.backbones import LLMSpec, ViTSpec, load_llm, load_vit
 from mma.errors import ConfigError
 from mma.model import VisionLanguageModel, VisualConfig
@@ -20,41 +18,48 @@ class ModelConfig:
         llm: the frozen language model.
         vit: the frozen image encoder.
         visual: visual tokens and projector.
-        adapter: a registered adapter method (``mma params`` lists them in errors).
-        adapter_config: settings of that method, checked against its config dataclass: a mapping, or the path of
-            a YAML preset such as ``adapters/lavin.yaml``.
+        adapter: the adapter method and its settings: a settings class by name (``LaVIN``, ``LlamaAdapterV2``,
+            ``LoRA``, ``NoAdapter``) with ``init_args``, or a preset file (``adapters/lavin.yaml``).
     """
 
     llm: LLMSpec = field(default_factory=LLMSpec)
     vit: ViTSpec = field(default_factory=ViTSpec)
     visual: VisualConfig = field(default_factory=VisualConfig)
-    adapter: str = "lavin"
-    adapter_config: dict | str = field(default_factory=dict)
+    adapter: AdapterSettings = field(default_factory=LaVIN)
 
 
-def load_preset(settings: dict | str) -> dict:
-    """Adapter settings given inline, or read from a YAML preset file."""
-    if isinstance(settings, dict):
-        return settings
-    path = Path(settings)
-    if not path.is_file():
-        raise ConfigError(f"adapter preset {settings!r} does not exist")
-    loaded = OmegaConf.to_container(OmegaConf.load(path))
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"adapter preset {settings!r} is not a mapping of settings")
-    return loaded
+def model_config_dict(config: ModelConfig) -> dict:
+    """Plain data of ``config`` (the adapter as ``class_path``/``init_args``): what checkpoints and exported
+    adapters store, and what the CLI parses back."""
+    plain = {name: asdict(getattr(config, name)) for name in ("llm", "vit", "visual")}
+    return {**plain, "adapter": settings_spec(config.adapter)}
+
+
+def model_config_from_dict(data: dict) -> ModelConfig:
+    """The typed ``ModelConfig`` of ``model_config_dict`` output (adapters of format 1 stored ``adapter`` as a
+    name beside ``adapter_config``)."""
+    try:
+        adapter = data["adapter"] if isinstance(data["adapter"], dict) else data
+        return ModelConfig(
+            llm=LLMSpec(**data["llm"]),
+            vit=ViTSpec(**data["vit"]),
+            visual=VisualConfig(**data["visual"]),
+            adapter=settings_from_spec(adapter),
+        )
+    except (KeyError, TypeError) as err:
+        raise ConfigError(f"model settings cannot be read: {err}") from None
 
 
 def build_model(config: ModelConfig, device: str | torch.device = "cpu") -> VisionLanguageModel:
     """Backbones frozen, adapter attached, trainability set. ``device="meta"`` allocates no weights.
 
-    The adapter name and settings are checked before any weights are read.
+    The adapter settings were checked when they were made; the sequence layout comes from them.
     """
-    method = get_adapter(config.adapter)
-    adapter_config = method.make_config(load_preset(config.adapter_config))
+    method = method_of(config.adapter)
     llm, tokenizer = load_llm(config.llm, device)
     vit = load_vit(config.vit, device)
-    model = VisionLanguageModel(llm, tokenizer, vit, config.visual)
-    method.attach(model, adapter_config)
+    layout, source = config.adapter.layout(), config.adapter.projector_source()
+    model = VisionLanguageModel(llm, tokenizer, vit, config.visual, layout, source)
+    method.attach(model, config.adapter)
     set_trainable_params(model)
     return model.train(False)

@@ -3,7 +3,7 @@
 import inspect
 import json
 
-from mma.adapters import get_adapter
+from mma.adapters import get_adapter, settings_from_spec
 
 
 def method_summary(name: str) -> str:
@@ -16,17 +16,18 @@ def adapter_card(description: dict, recipe: str | None) -> str:
     """Markdown with a Hugging Face style front matter: method, backbones, size, training, metrics, licence."""
     model, backbones, weights = description["model"], description["backbones"], description["weights"]
     training, licence = description["training"], description["license"]
+    name = type(settings_from_spec(model["adapter"])).name
     lines = [
         "---",
         "library_name: mma",
         f"license: {licence}",
-        f"tags: [mma, {model['adapter']}, adapter, vision-language]",
+        f"tags: [mma, {name}, adapter, vision-language]",
         "---",
         "",
-        f"# {model['adapter']} adapter for {backbones['llm']['name']}",
+        f"# {name} adapter for {backbones['llm']['name']}",
         "",
-        f"Method: **{model['adapter']}**, {method_summary(model['adapter'])}",
-        f"Settings: `{json.dumps(model['adapter_config'])}`; visual tokens: `{json.dumps(model['visual'])}`.",
+        f"Method: **{name}**, {method_summary(name)}",
+        f"Settings: `{json.dumps(model['adapter']['init_args'])}`; visual tokens: `{json.dumps(model['visual'])}`.",
         "",
         "## Backbones (frozen, not included; fingerprints in adapter_config.json)",
         "",

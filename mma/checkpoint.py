@@ -9,7 +9,6 @@ Loading checks, in order and before reading a tensor: no pickle, the config, the
 name and shape, the file's hash, then the backbone fingerprints (the one check a caller may waive).
 """
 
-import dataclasses
 import hashlib
 import importlib.metadata
 import json
@@ -23,15 +22,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
-from mma.adapters import adapter_parameter_names, get_adapter
-from mma.backbones import LLMSpec, ViTSpec
+from mma.adapters import adapter_parameter_names
 from mma.backbones.files import read_safetensors_header
-from mma.build import ModelConfig, build_model, load_preset
+from mma.build import ModelConfig, build_model, model_config_dict, model_config_from_dict
 from mma.card import adapter_card
-from mma.data.collate import ANSWER_SEPARATOR, IMAGE_PREFIX, PROMPT_SEPARATOR, TEXT_PREFIX
 from mma.errors import AdapterError, BackboneError, ConfigError
 from mma.fingerprint import backbone_identity, check_backbones
-from mma.model import VisionLanguageModel, VisualConfig
+from mma.model import VisionLanguageModel
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -39,12 +36,6 @@ CARD_FILE = "README.md"
 FORMAT = "mma-adapter"
 FORMAT_VERSION = 1
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
-# The token layout the collator builds, from its own constants (``mma.data.collate``).
-_TAIL = f"{PROMPT_SEPARATOR!r} prompt {ANSWER_SEPARATOR!r} answer [EOS]"
-SEQUENCE_LAYOUT = {
-    "image": f"[modality] [BOS] {IMAGE_PREFIX!r} [visual tokens] {_TAIL}",
-    "text": f"[modality] [BOS] {TEXT_PREFIX!r} {_TAIL}",
-}
 
 
 @dataclass
@@ -61,27 +52,6 @@ class AdapterSource:
     ignore_fingerprint: bool = False
 
 
-def resolved_config(config: ModelConfig) -> ModelConfig:
-    """``config`` with its adapter settings read from any preset file and completed with every default."""
-    method = get_adapter(config.adapter)
-    typed = method.make_config(load_preset(config.adapter_config))
-    return dataclasses.replace(config, adapter_config=asdict(typed))
-
-
-def model_config_from_dict(data: dict) -> ModelConfig:
-    """The typed ``ModelConfig`` of a plain dict (``asdict`` output, as checkpoints and adapter configs hold it)."""
-    try:
-        return ModelConfig(
-            llm=LLMSpec(**data["llm"]),
-            vit=ViTSpec(**data["vit"]),
-            visual=VisualConfig(**data["visual"]),
-            adapter=data["adapter"],
-            adapter_config=data["adapter_config"],
-        )
-    except (KeyError, TypeError) as err:
-        raise AdapterError(f"model settings cannot be read: {err}") from None
-
-
 def adapter_weights(model: VisionLanguageModel) -> dict[str, torch.Tensor]:
     """Every trainable tensor by its name in ``model``, detached CPU copies."""
     trainable = adapter_parameter_names(model)
@@ -91,10 +61,10 @@ def adapter_weights(model: VisionLanguageModel) -> dict[str, torch.Tensor]:
 def prompt_format(model: VisionLanguageModel, max_length: int) -> dict:
     """How samples become token sequences for this model: what a caller must reproduce to ask it anything."""
     return {
-        "layout": SEQUENCE_LAYOUT,
-        "modality_token": model.modality_embedding is not None,
+        "layout": model.layout.describe(),
+        "modality_token": model.layout.modality_token,
         "visual_tokens": model.num_visual_tokens,
-        "visual_tokens_in_sequence": model.visual_in_sequence,  # False: early fusion into the adapter layers
+        "visual_tokens_in_sequence": model.layout.visual_in_sequence,  # False: early fusion into the adapter layers
         "image_size": list(model.vit.patch_embed.img_size),
         "max_length": max_length,
     }
@@ -116,7 +86,6 @@ def save_adapter(
     ``config`` must be the one ``model`` was built from; ``training`` (steps, hyper-parameters, metrics) and
     ``recipe`` (the run's YAML) describe the run on the card.
     """
-    config = resolved_config(config)
     tensors = adapter_weights(model)
 
     def write(folder: Path) -> None:
@@ -125,7 +94,7 @@ def save_adapter(
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "mma_version": importlib.metadata.version("mma"),
-            "model": asdict(config),
+            "model": model_config_dict(config),
             "prompt_format": prompt_format(model, max_length),
             "backbones": backbone_identity(model, config),
             "weights": {
@@ -250,7 +219,7 @@ def load_adapter(
     folder = Path(path)
     saved = read_adapter_config(folder)
     if model_config is not None:
-        check_same_method(model_config_from_dict(saved["model"]), model_config, folder)
+        check_same_method(saved_model_config(saved, folder), model_config, folder)
     weights = folder / WEIGHTS_FILE
     params = dict(model.named_parameters())
     expected = {name: params[name].shape for name in adapter_parameter_names(model)}
@@ -269,7 +238,7 @@ def load_model(
     path: str | Path, ignore_fingerprint: bool = False, device: str | torch.device = "cpu"
 ) -> tuple[VisionLanguageModel, ModelConfig]:
     """Build the backbones an adapter names and load the adapter onto them (in eval mode)."""
-    config = model_config_from_dict(read_adapter_config(path)["model"])
+    config = saved_model_config(read_adapter_config(path), Path(path))
     model = build_model(config, device)
     load_adapter(model, path, config, ignore_fingerprint)
     return model, config
@@ -317,7 +286,14 @@ def check_same_method(saved: ModelConfig, current: ModelConfig, folder: Path) ->
 
 
 def _method_settings(config: ModelConfig) -> dict:
-    resolved = resolved_config(config)
-    settings = {f"adapter_config.{k}": v for k, v in resolved.adapter_config.items()}
+    settings = {f"adapter.{k}": v for k, v in asdict(config.adapter).items()}
     settings.update({f"visual.{k}": v for k, v in asdict(config.visual).items()})
-    return {"adapter": config.adapter, **settings}
+    return {"adapter": type(config.adapter).name, **settings}
+
+
+def saved_model_config(saved: dict, folder: Path) -> ModelConfig:
+    """The typed ``ModelConfig`` an adapter folder's ``adapter_config.json`` records."""
+    try:
+        return model_config_from_dict(saved["model"])
+    except ConfigError as err:
+        raise AdapterError(f"{folder / CONFIG_FILE}: {err}") from None

@@ -1,12 +1,21 @@
-"""Reading answers out of generated text, and the reports evaluation writes."""
+"""Reading answers out of generated text, and the reports evaluation writes (per data set, by the name its
+``Evaluation`` gives)."""
 
 import json
 import random
 import re
+from collections.abc import Callable
 from pathlib import Path
 
+import torch
+from rich.console import Console
+from rich.markdown import Markdown
+
+from mma.data.base import Evaluation
 from mma.data.prompts import LETTERS
+from mma.data.scienceqa import OFFICIAL_COLUMNS, ScienceQADataModule, official_groups, split_ids
 from mma.errors import DataError
+from mma.metrics import GroupedAccuracy
 
 _ANSWER = re.compile(r"The answer is ([A-Z])\b")
 _ANSWER_TEXT = re.compile(r"The answer is (.+?)\.(?:\s|$)")
@@ -55,3 +64,36 @@ def read_predictions(path: Path, split: str, pids: list[str]) -> dict[str, int]:
         missing, extra = sorted(set(pids) - set(predictions)), sorted(set(predictions) - set(pids))
         raise DataError(f"{path}: predictions do not cover split {split!r}: missing {missing[:5]}, extra {extra[:5]}")
     return {pid: LETTERS.index(p["answer"]) if p["answer"] else -1 for pid, p in predictions.items()}
+
+
+# report(name, records, scores, unparseable, evaluation, folder): files for one test loader's results.
+Report = Callable[[str, list[dict], dict, int, Evaluation, Path], None]
+
+
+def scienceqa_report(
+    name: str, records: list[dict], scores: dict, unparseable: int, evaluation: Evaluation, folder: Path
+) -> None:
+    """Write ``predictions_<split>.json`` and ``results_<split>.md`` (official columns); print the table."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_predictions(folder / f"predictions_{name}.json", name, records, evaluation.metadata)
+    table = markdown_table(evaluation.groups, scores)
+    note = f"{len(records)} problems, {unparseable} unparseable answers (counted {evaluation.unparseable})"
+    (folder / f"results_{name}.md").write_text(f"# ScienceQA {name}\n\n{table}\n\n{note}\n")
+    Console().print(Markdown(f"**ScienceQA {name}, accuracy (%)**: {note}\n\n{table}"))
+
+
+REPORTS: dict[str, Report] = {"scienceqa": scienceqa_report}
+
+
+def rescore_scienceqa(data: ScienceQADataModule, predictions: Path) -> dict[str, float]:
+    """Official accuracies of a predictions file, which must be of the data's ``test_split`` and cover it exactly."""
+    problems, splits = data.problems()
+    split = data.hparams.test_split
+    pids = split_ids(problems, splits, split, data.root)
+    chosen = read_predictions(predictions, split, pids)
+    metric = GroupedAccuracy(OFFICIAL_COLUMNS)
+    metric.update(
+        torch.tensor([chosen[p] == problems[p]["answer"] for p in pids]),
+        [official_groups(problems[p]) for p in pids],
+    )
+    return {k: float(v) for k, v in metric.compute().items()}

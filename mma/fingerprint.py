@@ -13,11 +13,11 @@ import logging
 from pathlib import Path
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from mma.adapters import adapter_parameter_names
+from mma.adapters.base import wrapped_child_name
 from mma.backbones import LLMSpec, ViTSpec
 from mma.build import ModelConfig
 from mma.errors import BackboneMismatch
@@ -34,21 +34,12 @@ _OVERRIDE_HINT = (
 def backbone_parameters(module: nn.Module) -> dict[str, torch.Tensor]:
     """Frozen parameters of ``module`` under the names the unadapted backbone gives them, sorted by name."""
     trainable = adapter_parameter_names(module)
-    wrapped = {name: _inner(m) for name, m in module.named_modules() if _inner(m)}
+    wrapped = {name: child for name, m in module.named_modules() if (child := wrapped_child_name(m))}
     bare = {}
     for name, param in module.named_parameters():
         if name not in trainable:
             bare[_unwrapped_name(name, wrapped)] = param
     return dict(sorted(bare.items()))
-
-
-def _inner(module: nn.Module) -> str | None:
-    """The attribute under which an adapter wrapper keeps the backbone's own module, if ``module`` is one."""
-    if wraps := getattr(module, "wraps", None):  # mma's wrappers (mma.adapters.layers)
-        return wraps
-    if isinstance(module, BaseTunerLayer):
-        return "base_layer"
-    return None
 
 
 def _unwrapped_name(name: str, wrapped: dict[str, str]) -> str:

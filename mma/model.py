@@ -1,17 +1,18 @@
 """The vision-language model: frozen ViT -> visual tokens -> trainable projector -> frozen LLM, adapters attached.
 
-Sequence layout (LaVIN), one row per sample, left-padded after the modality slot so that generation appends at
-the same index for every row::
+The sequence layout (``mma.layout.SequenceLayout``) is given when the model is made, from the adapter method's
+settings; rows are left-padded after the modality slot so that generation appends at the same index for every
+row::
 
     [modality] [pad ...] [BOS] "Image: " [visual tokens] "\\n" prompt [answer EOS]
     [modality] [pad ...] [BOS] "Image: N/A" "\\n" prompt [answer EOS]          (text-only: no ViT pass)
 
 The modality token is attended by no other position, so it changes nothing but the routers that read it.
 
-An adapter with early fusion (LLaMA-Adapter V2) takes the visual tokens out of the sequence: the ``"Image: "``
-prefix stays, the slots go, and the tokens reach the adapted attention layers as the keyword arguments
-``VISUAL_TOKENS`` (B, n_vis, d; zeros for text-only rows) and ``HAS_IMAGE`` (B,), which transformers passes from
-the decoder down to every attention module.
+Under early fusion (LLaMA-Adapter V2, ``visual_in_sequence: false``) the ``"Image: "`` prefix stays, the slots go,
+and the visual tokens reach the adapted attention layers as the keyword arguments ``VISUAL_TOKENS`` (B, n_vis, d;
+zeros for text-only rows) and ``HAS_IMAGE`` (B,), which transformers passes from the decoder down to every
+attention module.
 """
 
 from dataclasses import dataclass
@@ -23,13 +24,9 @@ from timm.models import VisionTransformer
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from mma.adapters import set_train_mode
-from mma.adapters.base import HAS_IMAGE, VISUAL_TOKENS, generation_caches
+from mma.adapters.base import HAS_IMAGE, VISUAL_TOKENS, generation_caches, set_train_mode
 from mma.errors import ConfigError
-
-MODALITY_SLOT = -1  # input id placeholder for the modality token
-IMAGE_SLOT = -2  # input id placeholder for each visual token
-IGNORE_INDEX = -100
+from mma.layout import IGNORE_INDEX, SequenceLayout
 
 
 @dataclass
@@ -53,8 +50,9 @@ class Projector(nn.Module):
 
     part = "projection"
 
-    def __init__(self, vit_dim: int, hidden: int, llm_dim: int) -> None:
+    def __init__(self, vit_dim: int, hidden: int, llm_dim: int, train_source: str | None = None) -> None:
         super().__init__()
+        self.train_source = train_source
         self.net = nn.Sequential(nn.Linear(vit_dim, hidden), nn.SiLU(), nn.Linear(hidden, llm_dim))
         for layer in (self.net[0], self.net[2]):
             nn.init.xavier_uniform_(layer.weight)
@@ -88,16 +86,18 @@ class VisionLanguageModel(nn.Module):
         tokenizer: PreTrainedTokenizerBase,
         vit: VisionTransformer,
         visual: VisualConfig,
+        layout: SequenceLayout | None = None,
+        projector_source: str | None = None,
     ) -> None:
         super().__init__()
         self.llm = llm
         self.vit = vit
         self.tokenizer = tokenizer
         self.visual = visual
-        self.projector = Projector(vit.embed_dim, visual.projector_hidden, llm.config.hidden_size)
-        self.modality_embedding: ModalityEmbedding | None = None
-        self.visual_in_sequence = True
-        self.projector.to(llm.device)
+        self.layout = layout or SequenceLayout()
+        dim = llm.config.hidden_size
+        self.projector = Projector(vit.embed_dim, visual.projector_hidden, dim, projector_source).to(llm.device)
+        self.modality_embedding = ModalityEmbedding(dim).to(llm.device) if self.layout.modality_token else None
         self._check_visual_config()
 
     def _check_visual_config(self) -> None:
@@ -106,18 +106,10 @@ class VisionLanguageModel(nn.Module):
         if self.visual.tokens == "cls" and not 1 <= self.visual.every <= len(self.vit.blocks):
             raise ConfigError(f"visual.every={self.visual.every} must be in 1..{len(self.vit.blocks)} (ViT depth)")
 
-    def enable_modality_token(self) -> None:
-        if self.modality_embedding is None:
-            self.modality_embedding = ModalityEmbedding(self.llm.config.hidden_size).to(self.llm.device)
-
-    def fuse_visual_into_adapters(self) -> None:
-        """Visual tokens leave the sequence and go to the adapter layers as keyword arguments (early fusion)."""
-        self.visual_in_sequence = False
-
     @property
     def sequence_visual_tokens(self) -> int:
         """Visual token slots each image sample has in the LLM sequence (0 under early fusion)."""
-        return self.num_visual_tokens if self.visual_in_sequence else 0
+        return self.num_visual_tokens if self.layout.visual_in_sequence else 0
 
     @property
     def num_visual_tokens(self) -> int:
@@ -153,14 +145,14 @@ class VisionLanguageModel(nn.Module):
         """Token embeddings with the modality token and (unless fused into adapters) the visual tokens written
         into their slots, and the keyword arguments the LLM's layers get.
 
-        input_ids (B, T) holding IMAGE_SLOT / MODALITY_SLOT placeholders -> (B, T, d), {name: tensor}.
+        input_ids (B, T) holding the layout's image / modality slot placeholders -> (B, T, d), {name: tensor}.
         """
         embeddings = self.llm.get_input_embeddings()(input_ids.clamp(min=0))
         layer_inputs = {}
         if pixel_values is not None and pixel_values.shape[0] > 0:
             visual = self.encode_images(pixel_values).to(embeddings.dtype)  # (N_img, n_vis, d)
-            if self.visual_in_sequence:
-                slots = (input_ids == IMAGE_SLOT).unsqueeze(-1)
+            if self.layout.visual_in_sequence:
+                slots = (input_ids == self.layout.image_slot).unsqueeze(-1)
                 embeddings = embeddings.masked_scatter(slots, visual)
             else:
                 rows = visual.new_zeros(input_ids.shape[0], *visual.shape[1:]).index_copy(
@@ -169,7 +161,7 @@ class VisionLanguageModel(nn.Module):
                 layer_inputs = {VISUAL_TOKENS: rows, HAS_IMAGE: has_image}
         if self.modality_embedding is not None:
             modality = self.modality_embedding(has_image.long()).to(embeddings.dtype)  # (B, d)
-            is_slot = (input_ids == MODALITY_SLOT).unsqueeze(-1)
+            is_slot = (input_ids == self.layout.modality_slot).unsqueeze(-1)
             embeddings = torch.where(is_slot, modality[:, None], embeddings)
         return embeddings, layer_inputs
 
@@ -185,7 +177,7 @@ class VisionLanguageModel(nn.Module):
         q = torch.arange(total - query_length, total, device=valid.device)[:, None]
         k = torch.arange(total, device=valid.device)[None, :]
         allowed = (k <= q) & valid[:, None, :]  # (B, Q, K)
-        if self.modality_embedding is not None:
+        if self.layout.modality_token:
             allowed = allowed & ((k != 0) | (q == 0))
         allowed = allowed | (k == q)
         return allowed[:, None]
@@ -194,7 +186,7 @@ class VisionLanguageModel(nn.Module):
         """Positions count valid tokens only, so neither left padding nor the modality slot shifts them; the
         modality token sees only itself, where rotary position has no effect. (B, T) -> (B, T)."""
         counted = valid.clone()
-        if self.modality_embedding is not None:
+        if self.layout.modality_token:
             counted[:, 0] = False
         return (counted.long().cumsum(-1) - 1).clamp(min=0)
 

@@ -1,5 +1,6 @@
 """The LightningModule: owns the model, trains only adapter parameters, evaluates by scoring answer options."""
 
+import random
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -18,11 +19,12 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from mma.adapters.base import source_parameters
-from mma.build import ModelConfig, build_model
+from mma.build import ModelConfig, build_model, model_config_dict
 from mma.checkpoint import AdapterSource, load_adapter
+from mma.data.base import Evaluation, MMADataModule
 from mma.data.collate import VLMCollator
 from mma.errors import ConfigError, DataError, TrainingDiverged
-from mma.evaluate import parse_answer, resolve_unparseable
+from mma.evaluate import REPORTS, parse_answer, resolve_unparseable
 from mma.metrics import GroupedAccuracy, choose_options
 from mma.model import VisionLanguageModel
 from mma.optim import OptimizerConfig, make_optimizer, warmup_cosine
@@ -59,7 +61,7 @@ class MMAModule(L.LightningModule):
         # Plain data only: Lightning reads checkpoints with ``weights_only=True``, which refuses pickled classes.
         self.save_hyperparameters(
             {
-                "model": asdict(self.model_config),
+                "model": model_config_dict(self.model_config),
                 "optimizer": asdict(self.optimizer_config),
                 "max_length": max_length,
                 "activation_checkpointing": activation_checkpointing,
@@ -93,24 +95,29 @@ class MMAModule(L.LightningModule):
         overrides = {"input_size": (3, *vit.patch_embed.img_size), **self.hparams.image_transform}
         return resolve_data_config(overrides, model=vit)
 
-    @property
-    def collator(self) -> VLMCollator:
+    def make_collator(self) -> VLMCollator:
+        """The collator of this model: its tokenizer, sequence layout, visual token count and image transform."""
         self.configure_model()
         return VLMCollator(
             self.model.tokenizer,
             transform=create_transform(**self.image_data_config()),
-            num_visual_tokens=self.model.sequence_visual_tokens,
-            modality_token=self.model.modality_embedding is not None,
+            layout=self.model.layout,
+            num_visual_tokens=self.model.num_visual_tokens,
             max_length=self.hparams.max_length,
         )
 
     def setup(self, stage: str) -> None:
-        groups = getattr(self.trainer.datamodule, "evaluation_groups", ("all",))
-        names = getattr(self.trainer.datamodule, "test_names", ("test",))
+        """Hand the data module the model's collator and take its evaluation description (one way: the data layer
+        never reaches back into the module)."""
+        data = self.trainer.datamodule
+        if not isinstance(data, MMADataModule):
+            raise ConfigError(f"the data module must extend mma.data.MMADataModule, got {type(data).__name__}")
+        data.set_collator(self.make_collator())
+        self.evaluation: Evaluation = data.evaluation()
+        self.fallback_rng = random.Random(self.evaluation.seed)
+        groups = self.evaluation.groups
         self.val_accuracy = GroupedAccuracy(groups)
-        self.test_accuracy = torch.nn.ModuleList(GroupedAccuracy(groups) for _ in names)
-        self.test_names = names
-        self.overall_group = getattr(self.trainer.datamodule, "overall_group", "all")
+        self.test_accuracy = torch.nn.ModuleList(GroupedAccuracy(groups) for _ in self.evaluation.test_names)
         if isinstance(self.trainer.strategy, DDPStrategy):
             # A process whose batch is all text-only runs no ViT, so the ViT adapters and the projector get no
             # gradient there, and DDP that does not look for unused parameters waits for them forever. Lightning
@@ -167,8 +174,7 @@ class MMAModule(L.LightningModule):
             return choose_options(scores, batch["sample_index"].cpu()), [None] * len(batch["target"])
         tokens = self.model.generate(batch, max_new_tokens=self.hparams.max_new_tokens)
         texts = self.model.tokenizer.batch_decode(tokens, skip_special_tokens=True)
-        data = self.trainer.datamodule
-        policy, rng = getattr(data, "unparseable", "wrong"), getattr(data, "fallback_rng", None)
+        policy, rng = self.evaluation.unparseable, self.fallback_rng
         parsed = [parse_answer(text, choices) for text, choices in zip(texts, batch["choices"], strict=True)]
         self._unparseable += sum(p is None for p in parsed)
         chosen = [resolve_unparseable(p, len(c), policy, rng) for p, c in zip(parsed, batch["choices"], strict=True)]
@@ -180,7 +186,7 @@ class MMAModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self.log_dict({f"val/{k}": v for k, v in self.val_accuracy.compute().items()}, prog_bar=False)
-        self.log("val/acc", self.val_accuracy.compute()[self.overall_group], prog_bar=True)
+        self.log("val/acc", self.val_accuracy.compute()[self.evaluation.headline], prog_bar=True)
         self.val_accuracy.reset()
 
     def on_validation_epoch_start(self) -> None:
@@ -188,7 +194,7 @@ class MMAModule(L.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self._unparseable = 0
-        self._records = [[] for _ in self.test_names]
+        self._records = [[] for _ in self.evaluation.test_names]
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         chosen, texts = self._choose(batch)
@@ -200,18 +206,14 @@ class MMAModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self.log("test/unparseable", float(self._unparseable), add_dataloader_idx=False)
-        report = getattr(self.trainer.datamodule, "report", None)
-        for name, metric, records in zip(self.test_names, self.test_accuracy, self._records, strict=True):
+        evaluation = self.evaluation
+        report = REPORTS[evaluation.report] if evaluation.report else None
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        for name, metric, records in zip(evaluation.test_names, self.test_accuracy, self._records, strict=True):
             scores = {k: float(v) for k, v in metric.compute().items()}
             self.log_dict({f"{name}/{k}": v for k, v in scores.items()}, add_dataloader_idx=False)
             if report is not None and self.trainer.is_global_zero:
-                report(
-                    name,
-                    records,
-                    scores,
-                    self._unparseable,
-                    Path(self.trainer.log_dir or self.trainer.default_root_dir),
-                )
+                report(name, records, scores, self._unparseable, evaluation, folder)
             metric.reset()
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:

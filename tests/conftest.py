@@ -8,6 +8,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
+from mma.adapters import get_adapter
+from mma.adapters.base import adapter_owned_modules
 from mma.backbones import LLMSpec, ViTSpec
 from mma.build import ModelConfig, build_model
 from mma.data.collate import VLMCollator
@@ -53,13 +55,13 @@ def tiny_trainer(**overrides) -> L.Trainer:
     return L.Trainer(**{**settings, **overrides})
 
 
-def tiny_config(adapter: str = "lavin", **adapter_config) -> ModelConfig:
+def tiny_config(adapter: str = "lavin", **settings) -> ModelConfig:
+    """The tiny backbones with the registered method ``adapter`` and its ``settings``."""
     return ModelConfig(
         llm=LLMSpec(config=TINY_LLM),
         vit=ViTSpec(name="vit_tiny_patch16_224", overrides=TINY_VIT),
         visual=VisualConfig(tokens="cls", every=1, projector_hidden=16),
-        adapter=adapter,
-        adapter_config=adapter_config,
+        adapter=get_adapter(adapter).settings(**settings),
     )
 
 
@@ -69,13 +71,7 @@ def tiny_model(adapter: str = "lavin", seed: int = 0, **adapter_config):
 
 
 def collator_for(model, max_length: int = 128) -> VLMCollator:
-    return VLMCollator(
-        model.tokenizer,
-        transform=None,
-        num_visual_tokens=model.sequence_visual_tokens,
-        modality_token=model.modality_embedding is not None,
-        max_length=max_length,
-    )
+    return VLMCollator(model.tokenizer, None, model.layout, model.num_visual_tokens, max_length)
 
 
 def image(seed: int) -> torch.Tensor:
@@ -95,3 +91,24 @@ def samples() -> list[dict]:
 @pytest.fixture
 def blank_image() -> Image.Image:
     return Image.new("RGB", (32, 32))
+
+
+def perturb(model, seed: int = 1) -> None:
+    """Move trainable weights off their zero init so every path carries signal."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=generator))
+
+
+def assert_backbones_in_eval(model) -> None:
+    """Every module that holds a frozen parameter, and every module inside one a wrapper wraps, is in eval mode;
+    every adapter-owned module (dropouts included) follows train mode."""
+    owned = {id(m) for m in adapter_owned_modules(model)}
+    for module_name, module in model.named_modules():
+        holds_frozen = any(not p.requires_grad for p in module.parameters(recurse=False))
+        if holds_frozen or id(module) not in owned:
+            assert not module.training, module_name
+        else:
+            assert module.training, module_name

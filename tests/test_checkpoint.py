@@ -9,11 +9,10 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import TINY_LLM, collator_for, tiny_config, tiny_model, tiny_trainer
+from conftest import TINY_LLM, collator_for, perturb, tiny_config, tiny_model, tiny_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from safetensors.torch import load_file, save_file
-from test_adapters import _perturb
 
 from mma.adapters import registered_adapters
 from mma.backbones import load_llm, load_vit
@@ -27,18 +26,19 @@ from mma.checkpoint import (
     load_model,
     save_adapter,
 )
-from mma.cli import config_cli, main
+from mma.cli import main
 from mma.commands.export import run_metrics
 from mma.data import SyntheticVQADataModule
 from mma.errors import AdapterError, BackboneMismatch
 from mma.fingerprint import parameters_fingerprint
 from mma.module import MMAModule, OptimizerConfig
+from mma.recipe import config_cli
 
 
 def _exported(tmp_path, name: str = "lavin", **adapter_config):
     """A perturbed tiny model (backbone seed 0) and the folder it was exported to."""
     model = tiny_model(name, seed=0, **adapter_config)
-    _perturb(model)
+    perturb(model)
     return model, save_adapter(model, tiny_config(name, **adapter_config), tmp_path / "adapter")
 
 
@@ -64,7 +64,8 @@ def test_fingerprint_is_the_bare_backbones(tmp_path):
     assert parameters_fingerprint(model.vit) == parameters_fingerprint(load_vit(config.vit))
     saved = json.loads((folder / CONFIG_FILE).read_text())
     assert saved["backbones"]["llm"]["fingerprint"] == parameters_fingerprint(bare_llm)
-    assert saved["model"]["adapter_config"]["temperature"] == 10.0  # defaults written out in full
+    assert saved["model"]["adapter"]["class_path"] == "mma.adapters.lavin.LaVIN"
+    assert saved["model"]["adapter"]["init_args"]["temperature"] == 10.0  # defaults written out in full
 
 
 def _other_backbone(kind: str):
@@ -205,7 +206,7 @@ def test_pickle_files_are_refused_without_being_unpickled(tmp_path, capsys):
 def test_interrupted_export_leaves_no_loadable_folder(tmp_path, monkeypatch):
     model, folder = _exported(tmp_path)
     previous = adapter_weights(model)
-    _perturb(model, seed=2)
+    perturb(model, seed=2)
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
@@ -240,7 +241,7 @@ def test_interrupted_export_leaves_no_loadable_folder(tmp_path, monkeypatch):
 def test_other_adapter_settings_are_named(tmp_path):
     _, folder = _exported(tmp_path)
     module = MMAModule(tiny_config(temperature=5.0), adapter=AdapterSource(str(folder)))
-    with pytest.raises(AdapterError, match="adapter_config.temperature: adapter 10.0, model 5.0"):
+    with pytest.raises(AdapterError, match="adapter.temperature: adapter 10.0, model 5.0"):
         module.configure_model()
 
 
@@ -295,7 +296,7 @@ def test_recipes_take_an_adapter_folder():
 def test_load_model_rebuilds_the_backbones_from_the_folder(tmp_path):
     model, folder = _exported(tmp_path, hidden=4, temperature=5.0)
     rebuilt, config = load_model(folder)
-    assert config.adapter_config["hidden"] == 4 and config.adapter_config["temperature"] == 5.0
+    assert config.adapter.hidden == 4 and config.adapter.temperature == 5.0
     assert torch.equal(rebuilt.llm.model.embed_tokens.weight, model.llm.model.embed_tokens.weight)
     assert all(torch.equal(adapter_weights(rebuilt)[k], v) for k, v in adapter_weights(model).items())
 
@@ -304,12 +305,12 @@ def test_load_model_rebuilds_the_backbones_from_the_folder(tmp_path):
 def test_ask_answers_as_the_adapted_model_does(with_image, tmp_path, capsys, blank_image):
     module = MMAModule(tiny_config())
     module.configure_model()
-    _perturb(module.model, seed=4)
+    perturb(module.model, seed=4)
     folder = save_adapter(module.model, tiny_config(), tmp_path / "adapter")
     picture = tmp_path / "picture.png"
     blank_image.save(picture)
     sample = {"prompt": "What colour is it?", "image": blank_image if with_image else None, "answer": None}
-    tokens = module.model.generate(module.collator([sample]), max_new_tokens=6)[0]
+    tokens = module.model.generate(module.make_collator()([sample]), max_new_tokens=6)[0]
     assert tokens
     expected = module.model.tokenizer.decode(tokens, skip_special_tokens=True).strip()
     image_args = ["--image", str(picture)] if with_image else []

@@ -18,8 +18,8 @@ from conftest import tiny_config
 
 from mma.build import build_model
 from mma.checkpoint import load_adapter
-from mma.cli import config_cli
 from mma.commands.export import export_checkpoint
+from mma.recipe import config_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "tests" / "sweep_fixtures" / "tiny.yaml")

@@ -1,10 +1,9 @@
 import pytest
 import torch
-from conftest import collator_for, image, tiny_model
-from test_adapters import _perturb
+from conftest import collator_for, image, perturb, tiny_model
 
-from mma.adapters.lavin import MMAConfig, RouterAdapter
-from mma.model import MODALITY_SLOT
+from mma.adapters.lavin import LaVIN, RouterAdapter
+from mma.layout import MODALITY_SLOT
 
 
 def _routing(adapter: RouterAdapter, run) -> torch.Tensor:
@@ -19,13 +18,13 @@ def _routing(adapter: RouterAdapter, run) -> torch.Tensor:
 @pytest.mark.parametrize("dim", [4096, 5120, 1024])
 def test_parameter_count_per_block_matches_lavin(dim):
     """20d + 10: down d*8+8, two grouped ups 2*(d*4+d), router 2d+2 (81,930 for d=4096)."""
-    adapter = RouterAdapter(dim, MMAConfig())
+    adapter = RouterAdapter(dim, LaVIN())
     assert sum(p.numel() for p in adapter.parameters()) == 20 * dim + 10
-    assert sum(p.numel() for p in RouterAdapter(dim, MMAConfig(router=False)).parameters()) == 13 * dim + 8
+    assert sum(p.numel() for p in RouterAdapter(dim, LaVIN(router=False)).parameters()) == 13 * dim + 8
 
 
 def test_grouped_up_projection_matches_a_grouped_conv():
-    adapter = RouterAdapter(64, MMAConfig(router=False))
+    adapter = RouterAdapter(64, LaVIN(router=False))
     up = adapter.up[0]
     torch.nn.init.normal_(up.weight)
     torch.nn.init.normal_(up.bias)
@@ -37,7 +36,7 @@ def test_grouped_up_projection_matches_a_grouped_conv():
 def test_router_output_hand_computed():
     """x + s * (w0 B(h) + w1 D(h)), w = softmax(R(x0) / t), in eval mode (no dropout)."""
     torch.manual_seed(0)
-    adapter = RouterAdapter(8, MMAConfig(hidden=4, temperature=5.0, scale=0.5)).eval()
+    adapter = RouterAdapter(8, LaVIN(hidden=4, temperature=5.0, scale=0.5)).eval()
     for p in adapter.parameters():
         torch.nn.init.normal_(p)
     x = torch.randn(2, 3, 8)
@@ -67,7 +66,7 @@ def test_modality_token_is_attended_by_no_other_position(samples):
 
 def test_routing_differs_by_modality_and_only_by_modality():
     model = tiny_model("lavin")
-    _perturb(model)
+    perturb(model)
     model.eval()
     collate = collator_for(model)
     batch = collate(
@@ -86,7 +85,7 @@ def test_vit_routing_is_per_image():
     """Each image is routed by its own class token. Block 0 sees the class token before it has attended to any
     patch (identical for every image), so routing can differ only from block 1 on."""
     model = tiny_model("lavin")
-    _perturb(model)
+    perturb(model)
     adapter = model.vit.blocks[1].norm1.adapter
     weights = _routing(adapter, lambda: model.encode_images(torch.stack([image(0), image(1)])))
     assert not torch.allclose(weights[0], weights[1])

@@ -91,7 +91,7 @@ def test_prompt_keys_and_values_are_computed_once_per_generation():
 def test_depth_settings_are_checked():
     with pytest.raises(ConfigError, match=r"prompt_layers=3 must be in 0..2 \(LLM depth\)"):
         tiny_model("llama-adapter-v2", prompt_layers=3)
-    with pytest.raises(ConfigError, match=r"unknown bias/scale target\(s\) \['qkv'\]"):
+    with pytest.raises(ConfigError, match=r"targets=\[.qkv.\] must be among"):
         tiny_model("llama-adapter-v2", targets=["qkv"])
 
 

@@ -5,13 +5,14 @@ import torch
 from conftest import tiny_config, tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from mma.adapters import LaVIN
 from mma.backbones import load_llm
 from mma.checkpoint import save_adapter
 from mma.cli import main
 from mma.commands.merge import merge_to_folder
 from mma.errors import ConfigError
-from mma.merge import merge_adapter
-from mma.model import MODALITY_SLOT
+from mma.layout import MODALITY_SLOT
+from mma.merge import merge_adapter, mergeable_adapters
 
 # float32 backbones: folding reorders sums (W (I + M^T A) n instead of W (n + M^T (A n + a))); measured 2e-6.
 TOLERANCE = 1e-4
@@ -29,15 +30,17 @@ def _adapted(tmp_path, name: str = "lavin", **settings):
 
 
 def _text_logits(model, tokens: torch.Tensor, has_image: bool) -> torch.Tensor:
-    """Logits of a text-only sample in the VLM's layout: ``[modality] [BOS] tokens``, the modality slot dropped."""
-    input_ids = torch.cat([torch.tensor([[MODALITY_SLOT]]), tokens], dim=1)
+    """Logits of a text-only sample in the VLM's layout: ``[modality] [BOS] tokens``, the modality slot dropped
+    (``[BOS] tokens`` when the layout has none)."""
+    head = int(model.layout.modality_token)
+    input_ids = torch.cat([torch.tensor([[MODALITY_SLOT]]), tokens], dim=1) if head else tokens
     batch = {
         "input_ids": input_ids,
         "attention_mask": torch.ones_like(input_ids),
         "has_image": torch.tensor([has_image]),
     }
     with torch.no_grad():
-        return model.llm.get_output_embeddings()(model.hidden_states(batch)[:, 1:])
+        return model.llm.get_output_embeddings()(model.hidden_states(batch)[:, head:])
 
 
 @pytest.mark.parametrize("modality", ["text", "image"])
@@ -80,33 +83,36 @@ def test_packed_quantized_weights_are_refused(tmp_path):
     layer = model.llm.model.layers[0].self_attn.q_proj
     layer.weight = torch.nn.Parameter(torch.zeros(64, 32, dtype=torch.uint8), requires_grad=False)
     with pytest.raises(ConfigError, match=r"packed quantized weights \(model.layers.0.self_attn.q_proj.weight"):
-        merge_adapter(model, "lavin", "text")
+        merge_adapter(model, LaVIN(), "text")
 
 
-@pytest.mark.parametrize(
-    ("name", "settings"),
-    [
-        ("lora", {}),
-        ("llama-adapter-v2", dict(prompt_layers=0, visual_layers=0, targets=["q_proj", "v_proj", "up_proj"])),
-    ],
-)
-def test_merged_lora_and_bias_scale_load_in_transformers_and_match(tmp_path, name, settings):
-    """LoRA folds by peft's own merge, LLaMA-Adapter V2's bias/scale and norms into weights, biases and norm
-    weights (a partly targeted family gets zero biases); no modality token, so the layout is [BOS] tokens."""
-    model, folder = _adapted(tmp_path, name, **settings)
+# Settings under which each foldable method has only foldable parts (V2's prompts are an attention branch).
+MERGEABLE_SETTINGS = {
+    "llama-adapter-v2": dict(prompt_layers=0, visual_layers=0, targets=["q_proj", "v_proj", "up_proj"])
+}
+
+
+def test_every_method_but_the_projector_floor_can_fold():
+    assert mergeable_adapters() == ["lavin", "llama-adapter-v2", "lora"]
+
+
+@pytest.mark.parametrize("name", mergeable_adapters())
+def test_merged_equals_unmerged_for_every_foldable_method(tmp_path, name):
+    """Each registered fold (LaVIN for text, LoRA by peft's own merge, V2's bias/scale and norms into weights,
+    biases and norm weights: a partly targeted family gets zero biases) gives a plain transformers LLM whose
+    logits are the adapted model's on a text-only prompt."""
+    model, folder = _adapted(tmp_path, name, **MERGEABLE_SETTINGS.get(name, {}))
     out = tmp_path / "merged"
-    main(["merge", "--adapter", str(folder), "--out", str(out)])
+    main(["merge", "--adapter", str(folder), "--out", str(out), "--modality", "text"])
     merged = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     text = tokenizer("Image: N/A\nWhich is a fruit? (A) car (B) pear", add_special_tokens=False).input_ids
     tokens = torch.tensor([[tokenizer.bos_token_id, *text]])
-    batch = {"input_ids": tokens, "attention_mask": torch.ones_like(tokens), "has_image": torch.tensor([False])}
     with torch.no_grad():
-        expected = model.llm.get_output_embeddings()(model.hidden_states(batch))
         logits = merged(tokens).logits
         unadapted = load_llm(tiny_config().llm)[0](tokens).logits
-    torch.testing.assert_close(logits, expected, rtol=0, atol=TOLERANCE)
-    assert not any(part in key for key in merged.state_dict() for part in ("lora", "delta", "scale"))
+    torch.testing.assert_close(logits, _text_logits(model, tokens, has_image=False), rtol=0, atol=TOLERANCE)
+    assert not any(part in key for key in merged.state_dict() for part in ("lora", "delta", "scale", "adapter"))
     assert (logits - unadapted).abs().max() > 1000 * TOLERANCE
 
 

@@ -1,10 +1,9 @@
 import pytest
 import torch
-from conftest import collator_for, image, tiny_model
-from test_adapters import _perturb
+from conftest import collator_for, image, perturb, tiny_model
 
+from mma.layout import IGNORE_INDEX
 from mma.metrics import GroupedAccuracy, choose_options
-from mma.model import IGNORE_INDEX
 
 
 def _prompts() -> list[dict]:
@@ -18,7 +17,7 @@ def _prompts() -> list[dict]:
 @pytest.mark.parametrize("adapter", ["lavin", "llama-adapter-v2"])
 def test_generation_with_kv_cache_matches_full_recompute(adapter):
     model = tiny_model(adapter)
-    _perturb(model)
+    perturb(model)
     model.eval()
     batch = collator_for(model)(_prompts())
     cached = model.generate(batch, max_new_tokens=12, use_cache=True)
@@ -30,7 +29,7 @@ def test_generation_with_kv_cache_matches_full_recompute(adapter):
 def test_left_padding_does_not_change_a_sample():
     """A sample scores the same alone and batched with longer ones (positions ignore padding)."""
     model = tiny_model("lavin")
-    _perturb(model)
+    perturb(model)
     model.eval()
     collate = collator_for(model)
     short = {"prompt": "Hi.", "answer": "yes", "image": image(3)}

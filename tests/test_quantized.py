@@ -7,8 +7,7 @@ import lightning as L
 import pytest
 import torch
 from bitsandbytes.nn import Linear4bit
-from conftest import TINY_LLM, LossLog, collator_for, tiny_config, tiny_trainer
-from test_adapters import _perturb
+from conftest import TINY_LLM, LossLog, collator_for, perturb, tiny_config, tiny_trainer
 
 from mma.backbones import LLMSpec, load_llm
 from mma.backbones.quantize import keep_4bit_layout
@@ -132,7 +131,7 @@ def test_a_no_grad_pass_changes_neither_4bit_weights_nor_later_gradients(weights
     for no_grad_pass_first in (False, True):
         torch.manual_seed(0)
         model = build_model(_quantized_config(weights_folder, "lavin"))
-        _perturb(model)
+        perturb(model)
         batch = collator_for(model)(samples)
         packed = {n: p.clone() for n, p in model.named_parameters() if p.dtype == torch.uint8}
         if no_grad_pass_first:

@@ -22,7 +22,14 @@ from mma.data.scienceqa import (
     split_ids,
 )
 from mma.errors import DataError
-from mma.evaluate import markdown_table, parse_answer, read_predictions, resolve_unparseable, write_predictions
+from mma.evaluate import (
+    markdown_table,
+    parse_answer,
+    read_predictions,
+    rescore_scienceqa,
+    resolve_unparseable,
+    write_predictions,
+)
 from mma.metrics import GroupedAccuracy
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "scienceqa-sample"
@@ -190,7 +197,7 @@ def test_rescore_a_predictions_file(tmp_path):
     write_predictions(
         path, "test", [{"pid": "7", "predicted": 1, "text": ""}, {"pid": "8", "predicted": -1, "text": ""}], {}
     )
-    scores = ScienceQADataModule(root=str(root)).rescore(path)
+    scores = rescore_scienceqa(ScienceQADataModule(root=str(root)), path)
     assert scores["Avg"] == 0.5 and scores["NAT"] == 0.5 and scores["NO"] == 0.5
 
 

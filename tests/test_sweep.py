@@ -11,9 +11,10 @@ from conftest import TINY_LLM, TINY_VIT, tiny_config
 import mma.sweep.runs
 from mma.build import build_model
 from mma.checkpoint import load_adapter
-from mma.cli import config_cli, main
-from mma.commands.params import count_parameters
+from mma.cli import main
 from mma.errors import ConfigError
+from mma.parameters import count_parameters
+from mma.recipe import config_cli
 from mma.sweep import load_sweep, resolve_all
 from mma.sweep.spec import SweepSpec, expand
 
@@ -52,7 +53,7 @@ def test_interrupted_sweep_resumes_without_repeating_finished_runs(tmp_path, mon
     path = _sweep(
         tmp_path,
         overrides={"trainer.max_steps": 2},
-        runs=[{"name": "first"}, {"name": "second", "model.model.adapter_config.temperature": 5}],
+        runs=[{"name": "first"}, {"name": "second", "model.model.adapter.temperature": 5}],
         baseline="first",
         plot_metrics=["test/image", "test/text"],
     )
@@ -88,7 +89,10 @@ def test_interrupted_sweep_resumes_without_repeating_finished_runs(tmp_path, mon
         assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     model = build_model(tiny_config(temperature=5.0, dropout=0.0))
     load_adapter(model, second / "adapter", tiny_config(temperature=5.0, dropout=0.0))
-    assert yaml.safe_load((second / "config.yaml").read_text())["model"]["model"]["adapter_config"]["temperature"] == 5
+    assert (
+        yaml.safe_load((second / "config.yaml").read_text())["model"]["model"]["adapter"]["init_args"]["temperature"]
+        == 5
+    )
 
 
 @pytest.mark.parametrize(
@@ -96,8 +100,9 @@ def test_interrupted_sweep_resumes_without_repeating_finished_runs(tmp_path, mon
     [
         ("model.model.adaptr", "lora", "model.model.adaptr"),
         ("trainer.max_steps", "many", "trainer.max_steps"),
-        ("model.model.adapter_config.temperature", "hot", "setting 'temperature' must be float"),
-        ("model.model.adapter_config.temprature", 5, "['temprature']"),
+        ("model.model.adapter.temperature", "hot", "temperature"),
+        ("model.model.adapter.temprature", 5, "temprature"),
+        ("model.model.adapter.hidden", 0, "hidden=0 must be at least 1"),
     ],
 )
 def test_bad_override_fails_before_the_first_run_naming_the_key(tmp_path, capsys, key, value, named):
@@ -118,7 +123,7 @@ def test_multi_process_strategies_are_refused(tmp_path):
 
 def test_runs_are_identified_by_their_resolved_config(tmp_path):
     """Spelling out a default gives the same config, hence the same run."""
-    path = _sweep(tmp_path, runs=[{"name": "plain"}, {"name": "explicit", "model.model.adapter_config.hidden": 8}])
+    path = _sweep(tmp_path, runs=[{"name": "plain"}, {"name": "explicit", "model.model.adapter.hidden": 8}])
     with pytest.raises(ConfigError, match=r"runs \['explicit', 'plain'\] resolve to the same config"):
         resolve_all(load_sweep(path))
 
@@ -127,7 +132,7 @@ def test_params_sweep_counts_without_training(tmp_path, monkeypatch):
     monkeypatch.setattr(mma.sweep.runs, "train", None)  # a params sweep must never train
     runs = [
         {"name": "lavin"},
-        {"name": "lora", "model.model.adapter": "lora", "model.model.adapter_config": {"rank": 4}},
+        {"name": "lora", "model.model.adapter": {"class_path": "LoRA", "init_args": {"rank": 4}}},
     ]
     main(["sweep", str(_sweep(tmp_path, mode="params", runs=runs))])
     rows = _rows(tmp_path)

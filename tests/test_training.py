@@ -3,9 +3,10 @@
 import lightning as L
 import pytest
 import torch
-from conftest import LossLog, tiny_config, tiny_trainer
+from conftest import LossLog, assert_backbones_in_eval, tiny_config, tiny_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from mma.adapters import registered_adapters
 from mma.data import SyntheticVQADataModule
 from mma.errors import TrainingDiverged
 from mma.module import MMAModule, OptimizerConfig
@@ -176,5 +177,27 @@ def test_image_transform_follows_the_vit_and_takes_overrides():
     assert config["interpolation"] == module.model.vit.pretrained_cfg["interpolation"]
     from PIL import Image
 
-    pixels = module.collator.transform(Image.new("RGB", (32, 32), (255, 255, 255)))
+    pixels = module.make_collator().transform(Image.new("RGB", (32, 32), (255, 255, 255)))
     assert pixels.shape == (3, 32, 32) and torch.allclose(pixels, torch.ones_like(pixels))
+
+
+class ModeCheck(Callback):
+    """Checks, at every training step, that backbones are in eval mode and adapter-owned modules train."""
+
+    def __init__(self) -> None:
+        self.checked = 0
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        assert_backbones_in_eval(module.model)
+        self.checked += 1
+
+
+@pytest.mark.parametrize("adapter", registered_adapters())
+def test_backbones_stay_in_eval_during_a_lightning_fit(adapter):
+    """Lightning switches the module to train mode around validation; only adapter-owned modules may follow."""
+    check = ModeCheck()
+    module = MMAModule(tiny_config(adapter), max_length=192)
+    data = SyntheticVQADataModule(train_size=8, val_size=4, image_size=32, batch_size=2, eval_batch_size=2)
+    trainer = tiny_trainer(max_steps=3, val_check_interval=2, limit_val_batches=1, callbacks=[check])
+    trainer.fit(module, datamodule=data)
+    assert check.checked == 3

@@ -1,23 +1,35 @@
-"""The adapter protocol, the registry and the one function that decides what trains.
+"""The adapter protocols, the registry of methods and the one function that decides what trains.
 
-An adapter is any module that names its own trainable parameters (``adapter_params``); trainability is found by
-walking the module tree, never by matching parameter names (after torchtune's ``AdapterModule``). A method
-registers a typed config and an attach function that wraps submodules of frozen backbones.
+An adapter is any module that names its own trainable parameters (``AdapterModule``); trainability is found by
+walking the module tree, never by matching parameter names (after torchtune's ``AdapterModule``). A wrapper
+installed in place of a backbone module says which module it wraps (``WrapsModule``), so fingerprints, merges and
+train mode can see through it; a module that learns from one data source of joint training says which
+(``SourceBound``). peft's layers are seen through the same three views, in this file only.
+
+A method is one record (``AdapterMethod``): its name, its typed settings (a dataclass subclassing
+``AdapterSettings``, which the CLI validates when the recipe is parsed), its ``attach`` and, where it can be folded
+into the LLM's weights, its ``fold``; all registered from the method's own file.
 """
 
+from __future__ import annotations
+
 import dataclasses
-import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
-import yaml
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.nn import Parameter
 
 from mma.errors import ConfigError
+from mma.layout import SequenceLayout
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from mma.model import VisionLanguageModel
 
 
 @runtime_checkable
@@ -25,6 +37,21 @@ class AdapterModule(Protocol):
     """A module whose parameters listed by ``adapter_params`` (names relative to it) are trained."""
 
     def adapter_params(self) -> list[str]: ...
+
+
+@runtime_checkable
+class WrapsModule(Protocol):
+    """A module installed in place of a backbone module, which it keeps as a child and runs unchanged."""
+
+    def wrapped_module(self) -> nn.Module: ...
+
+
+@runtime_checkable
+class SourceBound(Protocol):
+    """A module whose declared parameters learn only from batches of one data source (joint training); ``None``
+    learns from every batch."""
+
+    train_source: str | None
 
 
 @runtime_checkable
@@ -50,67 +77,77 @@ def generation_caches(model: nn.Module) -> Iterator[None]:
 
 
 # Data sources of joint training (LLaMA-Adapter V2): a batch labelled with a source updates only the parameters of
-# the adapter modules whose ``train_source`` is that source, plus those of modules that name no source.
+# the adapter modules bound to that source, plus those of modules bound to none.
 CAPTION, INSTRUCTION = "caption", "instruction"
 # Keyword arguments that carry the visual tokens (B, n_vis, d) and the has-image flags (B,) through the LLM's
 # forward to the attention modules of early-fusion adapters (see ``mma.model``).
 VISUAL_TOKENS, HAS_IMAGE = "mma_visual_tokens", "mma_has_image"
 
 
-@dataclass(frozen=True)
+class AdapterSettings:
+    """Base of every method's settings. A subclass is a dataclass whose docstring documents each field (the CLI's
+    ``--help`` shows it); its ``validate`` checks ranges when the settings are made, so a recipe with a bad value
+    fails when parsed, before any weight loads."""
+
+    name: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` naming the first setting out of range."""
+
+    def layout(self) -> SequenceLayout:
+        """The sequence layout this method needs (LaVIN's, without a modality token, unless overridden)."""
+        return SequenceLayout()
+
+    def projector_source(self) -> str | None:
+        """The data source the projector learns from in joint training (None: every batch)."""
+        return None
+
+    def check(self, field: str, ok: bool, rule: str) -> None:
+        """One range rule: ``ConfigError`` ``adapter 'lavin': hidden=0 must be at least 1`` when not ``ok``."""
+        if not ok:
+            raise ConfigError(f"adapter {self.name!r}: {field}={getattr(self, field)!r} {rule}")
+
+
+Attach = Callable[["VisionLanguageModel", Any], None]
+# fold(model, modality) -> the model's LLM with the adapter folded in; modality is "text", "image" or None.
+Fold = Callable[["VisionLanguageModel", str | None], "PreTrainedModel"]
+
+
+@dataclass
 class AdapterMethod:
-    """A registered method: its name, its config dataclass and ``attach(model, config)``."""
+    """A registered method: its name, settings class, ``attach(model, settings)`` and optional merge ``fold``."""
 
     name: str
-    config_cls: type
-    attach: Callable[[Any, Any], None]
-
-    def make_config(self, options: dict | None = None) -> Any:
-        """Typed config from a plain dict; an unknown key or a value of the wrong type is an error naming it.
-
-        Numbers and booleans given as text (``--model.model.adapter_config.temperature 5`` arrives as ``"5"``)
-        are read as YAML scalars first.
-        """
-        options = dict(options or {})
-        fields = {f.name: f.type for f in dataclasses.fields(self.config_cls)}
-        unknown = sorted(set(options) - set(fields))
-        if unknown:
-            raise ConfigError(f"adapter {self.name!r} has no setting(s) {unknown}; known: {sorted(fields)}")
-        for name, value in options.items():
-            options[name] = _typed(self.name, name, value, fields[name])
-        return self.config_cls(**options)
-
-
-def _typed(adapter: str, name: str, value: Any, kind: Any) -> Any:
-    """``value`` as a ``kind`` scalar (bool, int, float, str, or one of them or None); other kinds pass through
-    unchecked."""
-    options = typing.get_args(kind)
-    if len(options) == 2 and type(None) in options:
-        if value is None or (isinstance(value, str) and yaml.safe_load(value) is None):
-            return None
-        kind = next(option for option in options if option is not type(None))
-    if kind not in (bool, int, float, str):
-        return value
-    if isinstance(value, str) and kind is not str:
-        value = yaml.safe_load(value)
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConfigError(f"adapter {adapter!r} setting {name!r} must be {kind.__name__}, got {value!r}")
-    return value
+    settings: type[AdapterSettings]
+    attach: Attach
+    fold: Fold | None = None
 
 
 _REGISTRY: dict[str, AdapterMethod] = {}
 
 
-def register_adapter(name: str, config_cls: type) -> Callable:
-    """Decorator: ``@register_adapter("lavin", MMAConfig)`` on ``attach(model, config) -> None``."""
+def register_adapter(settings: type[AdapterSettings]) -> Callable[[Attach], Attach]:
+    """Decorator: ``@register_adapter(LaVIN)`` on ``attach(model, settings) -> None``; the name is
+    ``settings.name``."""
 
-    def decorator(attach: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
-        if name in _REGISTRY:
-            raise ValueError(f"adapter {name!r} is registered twice")
-        _REGISTRY[name] = AdapterMethod(name, config_cls, attach)
+    def decorator(attach: Attach) -> Attach:
+        if settings.name in _REGISTRY or not settings.name:
+            raise ValueError(f"adapter {settings.name!r} is unnamed or registered twice")
+        _REGISTRY[settings.name] = AdapterMethod(settings.name, settings, attach)
         return attach
+
+    return decorator
+
+
+def register_fold(settings: type[AdapterSettings]) -> Callable[[Fold], Fold]:
+    """Decorator: the merge fold of the method whose settings class is ``settings`` (registered first)."""
+
+    def decorator(fold: Fold) -> Fold:
+        get_adapter(settings.name).fold = fold
+        return fold
 
     return decorator
 
@@ -121,8 +158,41 @@ def get_adapter(name: str) -> AdapterMethod:
     return _REGISTRY[name]
 
 
+def method_of(settings: AdapterSettings) -> AdapterMethod:
+    """The registered method whose settings class ``settings`` is."""
+    return get_adapter(type(settings).name)
+
+
 def registered_adapters() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def settings_spec(settings: AdapterSettings) -> dict:
+    """``{"class_path", "init_args"}``: the settings as recipes, checkpoints and exported adapters write them."""
+    cls = type(settings)
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dataclasses.asdict(settings)}
+
+
+def settings_from_spec(spec: dict | AdapterSettings) -> AdapterSettings:
+    """Typed settings from ``settings_spec`` output (or, as adapters of format 1 wrote them, ``{"adapter": name,
+    "adapter_config": {...}}``); unknown methods and keys are named."""
+    if isinstance(spec, AdapterSettings):
+        return spec
+    if "class_path" in spec:
+        short = spec["class_path"].rpartition(".")[2]
+        matches = [m for m in _REGISTRY.values() if m.settings.__qualname__ == short]
+        if not matches:
+            raise ConfigError(f"unknown adapter settings class {spec['class_path']!r}")
+        cls, options = matches[0].settings, spec.get("init_args") or {}
+    else:
+        cls, options = get_adapter(spec["adapter"]).settings, spec.get("adapter_config") or {}
+    known = {f.name for f in dataclasses.fields(cls)}
+    if unknown := sorted(set(options) - known):
+        raise ConfigError(f"adapter {cls.name!r} has no setting(s) {unknown}; known: {sorted(known)}")
+    return cls(**options)
+
+
+# peft's layers, seen through mma's protocols: this is the one place that knows them.
 
 
 def declared_adapter_params(module: nn.Module) -> list[str]:
@@ -140,6 +210,25 @@ def declared_adapter_params(module: nn.Module) -> list[str]:
             for name, _ in getattr(module, layer).named_parameters()
         ]
     return []
+
+
+def wrapped_module(module: nn.Module) -> nn.Module | None:
+    """The backbone module that ``module`` wraps, if it is a wrapper (mma's or peft's)."""
+    if isinstance(module, WrapsModule):
+        return module.wrapped_module()
+    if isinstance(module, BaseTunerLayer):
+        return module.get_base_layer()
+    return None
+
+
+def wrapped_child_name(module: nn.Module) -> str | None:
+    """The attribute under which a wrapper keeps the module it wraps (``norm``, ``base_layer``, ...)."""
+    inner = wrapped_module(module)
+    return next((name for name, child in module.named_children() if child is inner), None)
+
+
+def train_source(module: nn.Module) -> str | None:
+    return module.train_source if isinstance(module, SourceBound) else None
 
 
 def adapter_part(module: nn.Module) -> str:
@@ -160,10 +249,10 @@ def adapter_parameter_names(model: nn.Module) -> set[str]:
 
 def source_parameters(model: nn.Module, source: str) -> list[Parameter]:
     """Trainable parameters that a batch from ``source`` updates: the declared parameters of every adapter module
-    whose ``train_source`` attribute is ``source`` or absent."""
+    bound to ``source`` or to no source."""
     params = []
     for module in model.modules():
-        if getattr(module, "train_source", None) in (None, source):
+        if train_source(module) in (None, source):
             params.extend(module.get_parameter(name) for name in declared_adapter_params(module))
     return [p for p in params if p.requires_grad]
 
@@ -181,11 +270,27 @@ def set_trainable_params(model: nn.Module) -> int:
     return count
 
 
+def adapter_owned_modules(model: nn.Module) -> list[nn.Module]:
+    """Every module that belongs to an adapter: adapter modules and wrappers with their children, minus the
+    backbone modules they wrap (which may hold adapters of their own, found again below them)."""
+    owned: list[nn.Module] = []
+
+    def visit(module: nn.Module, inherited: bool) -> None:
+        inner = wrapped_module(module)
+        own = inherited or inner is not None or bool(declared_adapter_params(module))
+        if own:
+            owned.append(module)
+        for child in module.children():
+            visit(child, own and child is not inner)
+
+    visit(model, False)
+    return owned
+
+
 def set_train_mode(model: nn.Module, mode: bool = True) -> None:
-    """Adapters follow ``mode``; frozen backbone modules stay in eval so their dropout never fires."""
+    """Adapter-owned modules follow ``mode``; every backbone module stays in eval, so its dropout never fires."""
     for module in model.modules():
         module.training = False
     if mode:
-        for module in model.modules():
-            if declared_adapter_params(module):
-                nn.Module.train(module, True)
+        for module in adapter_owned_modules(model):
+            module.training = True

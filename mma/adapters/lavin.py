@@ -4,21 +4,39 @@ Per block a linear adapter with a shared down-projection and two grouped, zero-i
 a softmax router. It sits on the output of the pre-attention norm of every LLM and ViT block. LLM routers read the
 normed hidden state of the modality token at position 0, so each sample is routed by its modality; ViT routers
 read each image's own class token.
+
+The adapter is linear, so for a fixed modality it folds into the next linear layers (``fold_lavin``): with ``n``
+the normed input, ``h = A n + a`` and the routed up-projection ``[M; c]``::
+
+    adapter(n) = n + M^T (A n + a) + c = P n + b,   P = I + M^T A,   b = M^T a + c
+    q = W_q adapter(n) = (W_q P) n + W_q b          (the same for k and v)
+
+LLaMA's projections have no bias, so the merged config sets ``attention_bias=True`` (o_proj gets a zero bias).
 """
 
+from __future__ import annotations
+
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mma.adapters.base import register_adapter
-from mma.adapters.layers import AdaptedNorm, GroupedLinear
+from mma.adapters.base import AdapterSettings, register_adapter, register_fold
+from mma.adapters.layers import AdaptedNorm, GroupedLinear, biased_linear
+from mma.errors import ConfigError
+from mma.layout import MODALITY_SLOT, SequenceLayout
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from mma.model import VisionLanguageModel
 
 
 @dataclass
-class MMAConfig:
-    """LaVIN's settings (7B defaults).
+class LaVIN(AdapterSettings):
+    """LaVIN's Mixture-of-Modality Adaptation (7B defaults).
 
     Args:
         hidden: width of the shared down-projection.
@@ -40,6 +58,18 @@ class MMAConfig:
     llm: bool = True
     vit: bool = True
 
+    name: ClassVar[str] = "lavin"
+
+    def validate(self) -> None:
+        self.check("hidden", self.hidden >= 1, "must be at least 1")
+        self.check("groups", self.groups >= 1 and self.hidden % self.groups == 0, "must be >= 1 and divide hidden")
+        self.check("temperature", self.temperature > 0, "must be greater than 0")
+        self.check("dropout", 0 <= self.dropout < 1, "must be in [0, 1)")
+
+    def layout(self) -> SequenceLayout:
+        """LaVIN's routers read the modality token."""
+        return SequenceLayout(modality_token=self.llm and self.router)
+
 
 class RouterAdapter(nn.Module):
     """``x + s * (w0 * B(h) + w1 * D(h))``, ``h = dropout(A(x))``, ``w = softmax(R(x[:, 0]) / t)``.
@@ -49,7 +79,7 @@ class RouterAdapter(nn.Module):
     calls that follow (decoding feeds one new token at a time, so token 0 is only seen at prefill).
     """
 
-    def __init__(self, dim: int, config: MMAConfig) -> None:
+    def __init__(self, dim: int, config: LaVIN) -> None:
         super().__init__()
         self.down = nn.Linear(dim, config.hidden)
         self.dropout = nn.Dropout(config.dropout)
@@ -111,12 +141,13 @@ class RouterAdapter(nn.Module):
         return torch.baddbmm(x, h, self.sample_up_projection(x))  # x + h @ up, one pass over x
 
 
-@register_adapter("lavin", MMAConfig)
-def attach_lavin(model, config: MMAConfig) -> None:
+@register_adapter(LaVIN)
+def attach_lavin(model: VisionLanguageModel, config: LaVIN) -> None:
     """Wrap the pre-attention norm of every LLM decoder layer and every ViT block with a ``RouterAdapter``."""
+    for width in (model.llm.config.hidden_size, model.vit.embed_dim):
+        if width % config.groups:
+            raise ConfigError(f"adapter 'lavin': groups={config.groups} does not divide the backbone width {width}")
     if config.llm:
-        if config.router:
-            model.enable_modality_token()
         dim = model.llm.config.hidden_size
         for layer in model.llm.model.layers:
             layer.input_layernorm = AdaptedNorm(layer.input_layernorm, _on_device(RouterAdapter(dim, config), layer))
@@ -128,3 +159,64 @@ def attach_lavin(model, config: MMAConfig) -> None:
 def _on_device(adapter: nn.Module, host: nn.Module) -> nn.Module:
     """Adapters live where their host block lives; they keep fp32 weights whatever the backbone dtype."""
     return adapter.to(next(host.parameters()).device)
+
+
+@register_fold(LaVIN)
+def fold_lavin(model: VisionLanguageModel, modality: str | None) -> PreTrainedModel:
+    """Fold every LLM router adapter for one modality into q/k/v weights and biases."""
+    if model.modality_embedding is not None and modality not in ("text", "image"):
+        raise ConfigError("LaVIN adapters route by modality: choose the modality to fold for (text or image)")
+    llm = model.llm
+    layers = [layer for layer in llm.model.layers if isinstance(layer.input_layernorm, AdaptedNorm)]
+    if not layers:
+        raise ConfigError("this LaVIN adapter has no LLM adapters (llm: false): there is nothing to merge")
+    ups = routed_up_projections(model, has_image=modality == "image")
+    for layer, up in zip(layers, ups, strict=True):
+        weight, bias = adapter_as_affine(layer.input_layernorm.adapter, up)
+        layer.input_layernorm = layer.input_layernorm.norm
+        attention = layer.self_attn
+        for name in ("q_proj", "k_proj", "v_proj"):
+            old = getattr(attention, name)
+            old_weight = old.weight.float()
+            setattr(attention, name, biased_linear(old, old_weight @ weight, old_weight @ bias))
+    for layer in llm.model.layers:
+        if layer.self_attn.o_proj.bias is None:
+            o_proj = layer.self_attn.o_proj
+            layer.self_attn.o_proj = biased_linear(o_proj, o_proj.weight, torch.zeros(o_proj.out_features))
+    llm.config.attention_bias = True
+    return llm
+
+
+def routed_up_projections(model: VisionLanguageModel, has_image: bool) -> list[torch.Tensor]:
+    """Each LLM adapter's routed up-projection ``(hidden + 1, dim)`` for one modality, in float32.
+
+    Routers read the modality token, which attends only to itself: its hidden states are those of a one-token
+    sequence, so running that token alone gives every router its input.
+    """
+    adapters = [m.adapter for m in model.llm.modules() if isinstance(m, AdaptedNorm)]
+    inputs: dict[nn.Module, torch.Tensor] = {}
+
+    def capture(adapter: nn.Module, args: tuple) -> None:
+        inputs[adapter] = args[0]  # (1, 1, dim): the modality token's normed hidden state
+
+    hooks = [adapter.register_forward_pre_hook(capture) for adapter in adapters]
+    device = model.llm.device
+    batch = {
+        "input_ids": torch.tensor([[MODALITY_SLOT]], device=device),
+        "attention_mask": torch.ones(1, 1, dtype=torch.long, device=device),
+        "has_image": torch.tensor([has_image], device=device),
+    }
+    try:
+        model.hidden_states(batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [adapter.sample_up_projection(inputs[adapter].float())[0] for adapter in adapters]
+
+
+def adapter_as_affine(adapter: RouterAdapter, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(P, b)`` with ``adapter(n) = P n + b`` for routed up-projection ``up`` (dropout off): (dim, dim), (dim,)."""
+    down_weight, down_bias = adapter.down.weight.float(), adapter.down.bias.float()  # (hidden, dim), (hidden,)
+    m, c = up[:-1], up[-1]  # (hidden, dim), (dim,)
+    identity = torch.eye(m.shape[1], device=m.device)
+    return identity + m.T @ down_weight, m.T @ down_bias + c

@@ -1,7 +1,7 @@
 """Building blocks adapters share: wrappers around a backbone's own modules, a zero-init gate, a grouped linear.
 
-A wrapper keeps the backbone module it wraps under the attribute its class names in ``wraps``, so fingerprints
-and merges can see through it to the bare backbone's parameter names.
+A wrapper keeps the backbone module it wraps as a child and says which (``WrapsModule``), so fingerprints, merges
+and train mode can see through it to the bare backbone.
 """
 
 from typing import Literal
@@ -15,12 +15,13 @@ from torch.func import functional_call
 class AdaptedNorm(nn.Module):
     """``adapter(norm(x))``, installed in place of a block's norm so the block's own forward runs unchanged."""
 
-    wraps = "norm"
-
     def __init__(self, norm: nn.Module, adapter: nn.Module) -> None:
         super().__init__()
         self.norm = norm
         self.adapter = adapter
+
+    def wrapped_module(self) -> nn.Module:
+        return self.norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.adapter(self.norm(x))
@@ -56,11 +57,12 @@ class ZeroInitGate(nn.Module):
 
     part = "gates"
 
-    def __init__(self, size: int, kind: Literal["tanh", "linear"] = "tanh") -> None:
+    def __init__(self, size: int, kind: Literal["tanh", "linear"] = "tanh", train_source: str | None = None) -> None:
         super().__init__()
         if kind not in ("tanh", "linear"):
             raise ValueError(f"gate kind must be 'tanh' or 'linear', got {kind!r}")
         self.kind = kind
+        self.train_source = train_source
         self.weight = nn.Parameter(torch.zeros(size))
 
     def adapter_params(self) -> list[str]:
@@ -76,18 +78,21 @@ class BiasScaleLinear(nn.Module):
     ``base`` is any frozen linear layer with ``out_features``: ``nn.Linear`` or a bitsandbytes 4-/8-bit one.
     """
 
-    wraps = "base"
     part = "bias/scale"
 
-    def __init__(self, base: nn.Module) -> None:
+    def __init__(self, base: nn.Module, train_source: str | None = None) -> None:
         super().__init__()
         self.base = base
+        self.train_source = train_source
         device = next(base.parameters()).device
         self.bias = nn.Parameter(torch.zeros(base.out_features, device=device))
         self.scale = nn.Parameter(torch.ones(base.out_features, device=device))
 
     def adapter_params(self) -> list[str]:
         return ["bias", "scale"]
+
+    def wrapped_module(self) -> nn.Module:
+        return self.base
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -99,19 +104,31 @@ class TunedNorm(nn.Module):
     """A norm whose weight trains as ``w + delta`` (``delta = 0`` at init): the same updates as tuning ``w``
     itself, while the backbone's own tensor stays frozen and untouched."""
 
-    wraps = "norm"
     part = "norms"
 
-    def __init__(self, norm: nn.Module) -> None:
+    def __init__(self, norm: nn.Module, train_source: str | None = None) -> None:
         super().__init__()
         self.norm = norm
+        self.train_source = train_source
         self.delta = nn.Parameter(torch.zeros_like(norm.weight, dtype=torch.float32))
 
     def adapter_params(self) -> list[str]:
         return ["delta"]
+
+    def wrapped_module(self) -> nn.Module:
+        return self.norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Summed in fp32, then stored as the norm stores its weight (as mixed precision rounds any weight for
         # compute): an fp32 weight would promote the norm's whole output to fp32, a full-width pass to undo.
         weight = (self.norm.weight.float() + self.delta).to(self.norm.weight.dtype)
         return functional_call(self.norm, {"weight": weight}, (x,))
+
+
+def biased_linear(linear: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
+    """A plain linear layer with ``weight`` and ``bias`` (merge folds), stored where and as ``linear`` stores its
+    weight."""
+    folded = nn.Linear(linear.in_features, linear.out_features, bias=True, device="meta")
+    folded.weight = nn.Parameter(weight.to(linear.weight), requires_grad=False)
+    folded.bias = nn.Parameter(bias.to(linear.weight), requires_grad=False)
+    return folded

@@ -4,32 +4,52 @@
   with the layer's k/v projections (no rotary embedding), lets the rotated queries attend it with a separate
   softmax, gates the result per head with ``tanh(g)`` (``g = 0``) and adds it to the heads that enter ``o_proj``.
 - Early fusion: the first ``visual_layers`` attention modules take the projected visual tokens, layer-normed, as a
-  prompt with its own zero-init gate; the tokens leave the LLM sequence
-  (``VisionLanguageModel.fuse_visual_into_adapters``).
+  prompt with its own zero-init gate; the tokens leave the LLM sequence (the layout's ``visual_in_sequence``).
 - Bias and scale on the targeted linears (``BiasScaleLinear``), trainable RMSNorms (``TunedNorm``).
 - Joint training: the projector, the visual norm and the early-fusion gates train on caption batches, everything
-  else on instruction batches (``train_source``; see ``mma.adapters.base.source_parameters``).
+  else on instruction batches (``SourceBound``; see ``mma.adapters.base.source_parameters``).
+
+Merge: bias and scale fold into the linears (``s * (W x + b0 + b) = (s W) x + s (b0 + b)``) and the norm deltas
+into the norm weights; the adaption prompts are an attention branch a plain LLaMA has no weights for, so only an
+adapter without prompts (``prompt_layers: 0``, ``visual_layers: 0``) merges.
 """
+
+from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import rotate_half
 
-from mma.adapters.base import CAPTION, HAS_IMAGE, INSTRUCTION, VISUAL_TOKENS, register_adapter
-from mma.adapters.layers import BiasScaleLinear, TunedNorm, ZeroInitGate
+from mma.adapters.base import (
+    CAPTION,
+    HAS_IMAGE,
+    INSTRUCTION,
+    VISUAL_TOKENS,
+    AdapterSettings,
+    register_adapter,
+    register_fold,
+)
+from mma.adapters.layers import BiasScaleLinear, TunedNorm, ZeroInitGate, biased_linear
 from mma.errors import ConfigError
+from mma.layout import SequenceLayout
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from mma.model import VisionLanguageModel
 
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass
-class LlamaAdapterV2Config:
-    """
+class LlamaAdapterV2(AdapterSettings):
+    """LLaMA-Adapter V2 (the paper's 7B settings by default).
+
     Args:
         prompt_length: adaption prompt tokens in each prompted layer (paper: 10).
         prompt_layers: L, the number of top layers with a static prompt; unset: every layer after the first
@@ -50,6 +70,23 @@ class LlamaAdapterV2Config:
     bias_scale: bool = True
     targets: list[str] = field(default_factory=lambda: list(LINEARS))
     norms: bool = True
+
+    name: ClassVar[str] = "llama-adapter-v2"
+
+    def validate(self) -> None:
+        self.check("prompt_length", self.prompt_length >= 0, "must be at least 0")
+        self.check("prompt_layers", self.prompt_layers is None or self.prompt_layers >= 0, "must be at least 0")
+        self.check("visual_layers", self.visual_layers >= 0, "must be at least 0")
+        self.check("prompt_length", self.prompt_layers == 0 or self.prompt_length >= 1, "must be at least 1")
+        self.check("targets", not set(self.targets) - set(LINEARS), f"must be among {LINEARS}")
+
+    def layout(self) -> SequenceLayout:
+        """Early fusion takes the visual tokens out of the sequence."""
+        return SequenceLayout(visual_in_sequence=self.visual_layers == 0)
+
+    def projector_source(self) -> str | None:
+        """Under early fusion the projector feeds the caption-trained visual prompt."""
+        return CAPTION if self.visual_layers else None
 
 
 class VisualPromptNorm(nn.LayerNorm):
@@ -75,7 +112,6 @@ class AdaptionPromptAttention(nn.Module):
     ``GenerationCache``), not once per token.
     """
 
-    wraps = "attention"
     part = "prompts"
     train_source = INSTRUCTION
 
@@ -88,12 +124,9 @@ class AdaptionPromptAttention(nn.Module):
         hidden = attention.config.hidden_size
         # Standard normal, like the official code's nn.Embedding and peft; the closed gate keeps it silent at init.
         self.prompt = nn.Parameter(torch.randn(1, prompt_length, hidden, device=device)) if prompt_length else None
-        self.prompt_gate = ZeroInitGate(heads, kind).to(device) if prompt_length else None
-        self.visual_gate = ZeroInitGate(heads, kind).to(device) if visual else None
+        self.prompt_gate = ZeroInitGate(heads, kind, INSTRUCTION).to(device) if prompt_length else None
+        self.visual_gate = ZeroInitGate(heads, kind, CAPTION).to(device) if visual else None
         self.visual_norm = VisualPromptNorm(hidden, device=device) if visual else None
-        for gate_module, source in ((self.prompt_gate, INSTRUCTION), (self.visual_gate, CAPTION)):
-            if gate_module is not None:
-                gate_module.train_source = source
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._call: dict | None = None  # this call's inputs for the hooks; None outside ``forward``
         attention.q_proj.register_forward_hook(self._take_queries)
@@ -101,6 +134,9 @@ class AdaptionPromptAttention(nn.Module):
 
     def adapter_params(self) -> list[str]:
         return ["prompt"] if self.prompt is not None else []
+
+    def wrapped_module(self) -> nn.Module:
+        return self.attention
 
     def start_generation(self) -> None:
         self._cache = {}
@@ -193,8 +229,8 @@ class AdaptionPromptAttention(nn.Module):
         return F.scaled_dot_product_attention(query, keys, values)
 
 
-@register_adapter("llama-adapter-v2", LlamaAdapterV2Config)
-def attach_llama_adapter_v2(model, config: LlamaAdapterV2Config) -> None:
+@register_adapter(LlamaAdapterV2)
+def attach_llama_adapter_v2(model: VisionLanguageModel, config: LlamaAdapterV2) -> None:
     """Wrap linears (bias/scale), norms and attention modules of the frozen LLM in place; the ViT is untouched."""
     layers = model.llm.model.layers
     if config.prompt_layers is None:
@@ -214,21 +250,15 @@ def attach_llama_adapter_v2(model, config: LlamaAdapterV2Config) -> None:
         if prompted or visual:
             prompt_length = config.prompt_length if prompted else 0
             layer.self_attn = AdaptionPromptAttention(layer.self_attn, prompt_length, visual, config.gate)
-    if config.visual_layers:
-        model.fuse_visual_into_adapters()
-        model.projector.train_source = CAPTION
 
 
-def _check(config: LlamaAdapterV2Config, depth: int) -> None:
+def _check(config: LlamaAdapterV2, depth: int) -> None:
+    """The ranges that depend on the LLM (its depth); the others are checked when the settings are made."""
     for name in ("prompt_layers", "visual_layers"):
         if not 0 <= getattr(config, name) <= depth:
             raise ConfigError(f"llama-adapter-v2: {name}={getattr(config, name)} must be in 0..{depth} (LLM depth)")
     if config.prompt_layers and config.prompt_length < 1:
         raise ConfigError(f"llama-adapter-v2: prompt_length={config.prompt_length} must be at least 1")
-    if config.gate not in ("tanh", "scalar"):
-        raise ConfigError(f"llama-adapter-v2: gate must be 'tanh' or 'scalar', got {config.gate!r}")
-    if unknown := sorted(set(config.targets) - set(LINEARS)):
-        raise ConfigError(f"llama-adapter-v2: unknown bias/scale target(s) {unknown}; known: {LINEARS}")
 
 
 def _wrap(root: nn.Module, name: str, wrapper: type[nn.Module]) -> None:
@@ -237,9 +267,7 @@ def _wrap(root: nn.Module, name: str, wrapper: type[nn.Module]) -> None:
     path = name if "." in name or hasattr(root, name) else _find(root, name)
     parent, _, attribute = path.rpartition(".")
     host = root.get_submodule(parent)
-    wrapped = wrapper(getattr(host, attribute))
-    wrapped.train_source = INSTRUCTION
-    setattr(host, attribute, wrapped)
+    setattr(host, attribute, wrapper(getattr(host, attribute), INSTRUCTION))
 
 
 def _find(block: nn.Module, leaf: str) -> str:
@@ -248,3 +276,36 @@ def _find(block: nn.Module, leaf: str) -> str:
     if len(matches) != 1:
         raise ConfigError(f"llama-adapter-v2: expected one {leaf!r} in each decoder block, found {matches}")
     return matches[0]
+
+
+@register_fold(LlamaAdapterV2)
+def fold_llama_adapter_v2(model: VisionLanguageModel, modality: str | None) -> PreTrainedModel:
+    """Fold bias/scale into the targeted linears and norm deltas into the norms; refuse adaption prompts."""
+    llm = model.llm
+    if any(isinstance(m, AdaptionPromptAttention) for m in llm.modules()):
+        raise ConfigError(
+            "LLaMA-Adapter V2 adaption prompts are an attention branch a plain LLaMA has no weights for; only "
+            "bias/scale and norms merge (prompt_layers: 0, visual_layers: 0)"
+        )
+    wrapped = [(name, m) for name, m in llm.named_modules() if isinstance(m, BiasScaleLinear | TunedNorm)]
+    for name, module in wrapped:
+        parent, _, child = name.rpartition(".")
+        setattr(llm.get_submodule(parent), child, _folded(module))
+    for layer in llm.model.layers:  # a biased family gets a (zero) bias in every member, as the config says
+        for family, flag in ((layer.self_attn, "attention_bias"), (layer.mlp, "mlp_bias")):
+            linears = {n: m for n, m in family.named_children() if isinstance(m, nn.Linear)}
+            if any(m.bias is not None for m in linears.values()):
+                setattr(llm.config, flag, True)
+                for n, m in linears.items():
+                    if m.bias is None:
+                        setattr(family, n, biased_linear(m, m.weight, torch.zeros(m.out_features)))
+    return llm
+
+
+def _folded(module: BiasScaleLinear | TunedNorm) -> nn.Module:
+    if isinstance(module, TunedNorm):
+        module.norm.weight.copy_((module.norm.weight.float() + module.delta).to(module.norm.weight))
+        return module.norm
+    base, scale = module.base, module.scale.float()
+    bias = base.bias.float() if base.bias is not None else torch.zeros_like(scale)
+    return biased_linear(base, scale[:, None] * base.weight.float(), scale * (bias + module.bias.float()))

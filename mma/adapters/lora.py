@@ -2,45 +2,77 @@
 
 peft does the work: ``inject_adapter_in_model`` wraps the targeted linears of the frozen backbone in place (no
 ``PeftModel`` around it), so the VLM keeps calling the backbone it knows. peft's layers declare their own adapter
-submodules, which is how mma finds what trains (``mma.adapters.base``).
+submodules and base layer, which is how mma finds what trains (``mma.adapters.base``). Merge is peft's own.
 """
 
+from __future__ import annotations
+
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
 
 from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 
-from mma.adapters.base import register_adapter
+from mma.adapters.base import AdapterSettings, register_adapter, register_fold
+from mma.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from mma.model import VisionLanguageModel
 
 
 @dataclass
-class LoRAConfig:
+class LoRA(AdapterSettings):
     """LoRA settings.
 
     Args:
         rank: rank r of the update.
         alpha: scaling numerator; the update is scaled by alpha / r.
-        dropout: dropout on the LoRA branch's input.
+        lora_dropout: dropout on the LoRA branch's input.
         target_modules: LLM linear layers to adapt, by module name (LLaMA: q_proj, k_proj, v_proj, o_proj,
             gate_proj, up_proj, down_proj).
-        vit: also adapt the ViT.
-        vit_target_modules: ViT linear layers to adapt (timm: qkv, proj, fc1, fc2).
+        vit_target_modules: ViT linear layers to adapt too (timm: qkv, proj, fc1, fc2); empty: the ViT stays bare.
     """
 
     rank: int = 8
     alpha: float = 16.0
-    dropout: float = 0.05
+    lora_dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    vit: bool = False
-    vit_target_modules: list[str] = field(default_factory=lambda: ["qkv"])
+    vit_target_modules: list[str] = field(default_factory=list)
+
+    name: ClassVar[str] = "lora"
+
+    def validate(self) -> None:
+        self.check("rank", self.rank >= 1, "must be at least 1")
+        self.check("lora_dropout", 0 <= self.lora_dropout < 1, "must be in [0, 1)")
+        self.check("target_modules", bool(self.target_modules), "must name at least one layer")
 
 
-def _peft_config(config: LoRAConfig, targets: list[str]) -> LoraConfig:
-    return LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=targets)
+def _peft_config(config: LoRA, targets: list[str]) -> LoraConfig:
+    return LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.lora_dropout, target_modules=targets)
 
 
-@register_adapter("lora", LoRAConfig)
-def attach_lora(model, config: LoRAConfig) -> None:
+@register_adapter(LoRA)
+def attach_lora(model: VisionLanguageModel, config: LoRA) -> None:
     """Inject LoRA into the LLM's target linears, and into the ViT's when asked."""
     inject_adapter_in_model(_peft_config(config, config.target_modules), model.llm)
-    if config.vit:
+    if config.vit_target_modules:
         inject_adapter_in_model(_peft_config(config, config.vit_target_modules), model.vit)
+
+
+@register_fold(LoRA)
+def fold_lora(model: VisionLanguageModel, modality: str | None) -> PreTrainedModel:
+    """Add every LoRA update of the LLM into its base linear (peft's own ``merge``) and unwrap the layer.
+
+    LoRA does not route, so the modality is irrelevant; LoRA in the ViT is not part of the LLM and stays out.
+    """
+    llm = model.llm
+    layers = [(name, module) for name, module in llm.named_modules() if isinstance(module, BaseTunerLayer)]
+    if not layers:
+        raise ConfigError("this LoRA adapter has no LLM layers: there is nothing to merge")
+    for name, layer in layers:
+        layer.merge()
+        parent, _, child = name.rpartition(".")
+        setattr(llm.get_submodule(parent), child, layer.get_base_layer())
+    return llm

@@ -3,16 +3,24 @@
 The floor that adapter methods are compared against, in benchmarks and ablations.
 """
 
-from dataclasses import dataclass
+from __future__ import annotations
 
-from mma.adapters.base import register_adapter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+from mma.adapters.base import AdapterSettings, register_adapter
+
+if TYPE_CHECKING:
+    from mma.model import VisionLanguageModel
 
 
 @dataclass
-class NoAdapterConfig:
-    """This method has no settings."""
+class NoAdapter(AdapterSettings):
+    """The projector alone; this method has no settings."""
+
+    name: ClassVar[str] = "none"
 
 
-@register_adapter("none", NoAdapterConfig)
-def attach_none(model, config: NoAdapterConfig) -> None:
+@register_adapter(NoAdapter)
+def attach_none(model: VisionLanguageModel, config: NoAdapter) -> None:
     """Attach nothing."""

@@ -8,7 +8,7 @@ mma's tasks train on; without it the text is the whole prompt.
 import argparse
 from pathlib import Path
 
-from mma.checkpoint import AdapterSource, model_config_from_dict, read_adapter_config
+from mma.checkpoint import AdapterSource, read_adapter_config, saved_model_config
 from mma.data.images import load_image
 from mma.data.prompts import question_prompt
 from mma.module import MMAModule
@@ -25,14 +25,14 @@ def ask(
     """Greedy answer of the adapted model to one question, with or without a picture."""
     saved = read_adapter_config(adapter)
     module = MMAModule(
-        model_config_from_dict(saved["model"]),
+        saved_model_config(saved, adapter),
         max_length=saved["prompt_format"]["max_length"],
         adapter=AdapterSource(str(adapter), ignore_fingerprint),
     )
     module.configure_model()
     prompt = question_prompt(question, choices) if choices else question
     sample = {"prompt": prompt, "image": load_image(image) if image else None, "answer": None}
-    tokens = module.model.generate(module.collator([sample]), max_new_tokens=max_new_tokens)
+    tokens = module.model.generate(module.make_collator()([sample]), max_new_tokens=max_new_tokens)
     return module.model.tokenizer.decode(tokens[0], skip_special_tokens=True).strip()
 
 

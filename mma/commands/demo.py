@@ -10,7 +10,7 @@ import time
 from rich.console import Console
 from rich.table import Table
 
-from mma.commands.params import count_parameters
+from mma.parameters import count_parameters
 
 ROWS = ("colour", "shape", "count", "position", "image", "text", "all")
 
@@ -21,7 +21,7 @@ def _accuracy(metrics: dict, prefix: str, row: str) -> str:
 
 
 def demo_command(argv: list[str]) -> None:
-    from mma.cli import config_cli
+    from mma.recipe import config_cli
 
     parser = argparse.ArgumentParser(prog="mma demo", description=__doc__)
     parser.add_argument("--config", default="recipes/demo.yaml", help="recipe YAML (default: %(default)s)")
@@ -37,7 +37,9 @@ def demo_command(argv: list[str]) -> None:
     after = trainer.test(module, datamodule=data, verbose=False)
     before, after = ({k: v for d in results for k, v in d.items()} for results in (before, after))
 
-    table = Table(title=f"mma demo: {module.model_config.adapter} on the built-in visual QA task (accuracy, %)")
+    table = Table(
+        title=f"mma demo: {type(module.model_config.adapter).name} on the built-in visual QA task (accuracy, %)"
+    )
     for column in ("questions", "before tuning", "after tuning", "blind control (blank images)"):
         table.add_column(column, justify="left" if column == "questions" else "right")
     for row in ROWS:

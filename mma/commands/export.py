@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from mma.adapters import adapter_parameter_names
-from mma.build import build_model
-from mma.checkpoint import check_names, model_config_from_dict, save_adapter
+from mma.build import build_model, model_config_from_dict
+from mma.checkpoint import check_names, save_adapter
 from mma.errors import AdapterError
 from mma.model import VisionLanguageModel
 from mma.peft_format import save_peft_lora

@@ -1,12 +1,22 @@
-"""What every mma data module shares: loaders that use the model's collator, exact mid-epoch resume, and batches
-of one data source each for joint training."""
+"""What every mma data module shares: loaders that use the collator the module hands over, one typed description
+of how evaluation is scored and reported, exact mid-epoch resume, and batches of one data source each for joint
+training.
+
+Data and module talk one way: ``MMAModule.setup`` gives the data module its collator (``set_collator``) and reads its
+``evaluation()``; the data layer imports nothing from the module, the metrics or the evaluation code.
+"""
 
 import bisect
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from mma.data.collate import VLMCollator
+from mma.errors import ConfigError
 
 
 class EpochSampler(DistributedSampler):
@@ -83,19 +93,52 @@ class SourceBatchSampler(Sampler[list[int]]):
                     yield batch
 
 
-class MMADataModule(L.LightningDataModule):
-    """Base of mma's data modules: batches are laid out by the model's own collator (``MMAModule.collator``),
-    and the position in the training epoch is saved in checkpoints so a resumed run sees the same batches."""
+@dataclass(frozen=True)
+class Evaluation:
+    """How a data module's evaluation samples are scored and reported.
 
-    evaluation_groups: tuple[str, ...] = ("all",)
-    overall_group = "all"  # the group that holds every sample: validation's headline accuracy
+    Args:
+        groups: accuracy groups, in table order; a sample's ``groups`` names the ones it counts in.
+        headline: the group that holds every sample: validation's ``val/acc``.
+        test_names: one name per test loader (``test``, ``blind``, ...): metric prefixes and report names.
+        unparseable: a generated answer that names no option counts as ``wrong``, or (LaVIN) as a ``random`` one.
+        seed: seed of the random fallback.
+        report: the report the evaluation code writes for each test loader (``scienceqa``), or None.
+        metadata: what the report records about the run's data settings.
+    """
+
+    groups: tuple[str, ...] = ("all",)
+    headline: str = "all"
     test_names: tuple[str, ...] = ("test",)
+    unparseable: Literal["wrong", "random"] = "wrong"
+    seed: int = 0
+    report: str | None = None
+    metadata: dict = field(default_factory=dict)
+
+
+class MMADataModule(L.LightningDataModule):
+    """Base of mma's data modules: batches are laid out by the collator the module hands over (``set_collator``),
+    and the position in the training epoch is saved in checkpoints so a resumed run sees the same batches."""
 
     def __init__(self, batch_size: int, eval_batch_size: int, num_workers: int, seed: int) -> None:
         super().__init__()
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value < 1:
+                raise ConfigError(f"data setting {name}={value} must be at least 1")
+        if num_workers < 0:
+            raise ConfigError(f"data setting num_workers={num_workers} must be at least 0")
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.seed = num_workers, seed
+        self.collator: VLMCollator | None = None
         self._resume_batches = 0
+
+    def evaluation(self) -> Evaluation:
+        """How this data's evaluation is scored and reported (one accuracy over every sample by default)."""
+        return Evaluation(seed=self.seed)
+
+    def set_collator(self, collator: VLMCollator) -> None:
+        """The model's collator, built from its tokenizer and sequence layout (``MMAModule.setup`` calls this)."""
+        self.collator = collator
 
     def train_loader(self, dataset: Dataset) -> DataLoader:
         """Shuffled training batches; a ``JointDataset`` gives batches of one source each."""
@@ -116,11 +159,13 @@ class MMADataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset, **batching: int | Sampler) -> DataLoader:
         # An own generator: creating the iterator must not draw from the global RNG (dropout's), or a resumed
         # run would diverge from an uninterrupted one.
+        if self.collator is None:
+            raise ConfigError(f"{type(self).__name__} has no collator: MMAModule.setup hands it the model's")
         return DataLoader(
             dataset,
             **batching,
             num_workers=self.num_workers,
-            collate_fn=self.trainer.lightning_module.collator,
+            collate_fn=self.collator,
             generator=torch.Generator().manual_seed(self.seed),
         )
 

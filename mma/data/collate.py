@@ -1,4 +1,4 @@
-"""Samples -> padded tensors in the model's sequence layout (see ``mma.model``).
+"""Samples -> padded tensors in the model's sequence layout (``mma.layout.SequenceLayout``).
 
 A sample is a dict with ``prompt`` (str), ``image`` (PIL image, (3, H, W) tensor or None) and either ``answer``
 (str or None, for training and generation) or ``candidates`` (list of answer strings, for option scoring).
@@ -12,32 +12,36 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from mma.errors import DataError
-from mma.model import IGNORE_INDEX, IMAGE_SLOT, MODALITY_SLOT
+from mma.layout import IGNORE_INDEX, SequenceLayout
 
 _TENSOR_KEYS = ("prompt", "image", "answer", "candidates")
-# The text around a sample in LaVIN's layout (see ``mma.model``); exported adapters record it.
-IMAGE_PREFIX, TEXT_PREFIX, PROMPT_SEPARATOR, ANSWER_SEPARATOR = "Image: ", "Image: N/A", "\n", " "
 
 
 class VLMCollator:
-    """Tokenise, lay out, left-pad and stack a list of samples."""
+    """Tokenise, lay out, left-pad and stack a list of samples.
+
+    ``num_visual_tokens`` is the number of visual tokens per image; they take slots in the sequence only when the
+    layout says so.
+    """
 
     def __init__(
         self,
         tokenizer: PreTrainedTokenizerBase,
-        transform: Callable[[Image.Image], torch.Tensor],
+        transform: Callable[[Image.Image], torch.Tensor] | None,
+        layout: SequenceLayout,
         num_visual_tokens: int,
-        modality_token: bool,
         max_length: int = 512,
     ) -> None:
         self.tokenizer = tokenizer
         self.transform = transform
-        self.modality_token = modality_token
+        self.layout = layout
+        self.modality_token = layout.modality_token
         self.max_length = max_length
         encode = self._encode
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        self._image_prefix = bos + encode(IMAGE_PREFIX) + [IMAGE_SLOT] * num_visual_tokens
-        self._text_prefix = bos + encode(TEXT_PREFIX)
+        slots = [layout.image_slot] * num_visual_tokens if layout.visual_in_sequence else []
+        self._image_prefix = bos + encode(layout.image_prefix) + slots
+        self._text_prefix = bos + encode(layout.text_prefix)
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
@@ -62,8 +66,12 @@ class VLMCollator:
 
     def _sequence(self, sample: dict, answer: str | None) -> tuple[list[int], list[int]]:
         prefix = self._image_prefix if sample["image"] is not None else self._text_prefix
-        prompt = prefix + self._encode(PROMPT_SEPARATOR + sample["prompt"])
-        target = self._encode(ANSWER_SEPARATOR + answer) + [self.tokenizer.eos_token_id] if answer is not None else []
+        prompt = prefix + self._encode(self.layout.prompt_separator + sample["prompt"])
+        target = (
+            self._encode(self.layout.answer_separator + answer) + [self.tokenizer.eos_token_id]
+            if answer is not None
+            else []
+        )
         ids = (prompt + target)[: self.max_length - int(self.modality_token)]
         labels = ([IGNORE_INDEX] * len(prompt) + target)[: len(ids)]
         if answer is not None and all(label == IGNORE_INDEX for label in labels):
@@ -74,7 +82,7 @@ class VLMCollator:
 
     def _pad(self, sequences: list[tuple[list[int], list[int]]]) -> dict:
         """Left-pad, keeping the modality slot at index 0 of every row."""
-        head = [MODALITY_SLOT] if self.modality_token else []
+        head = [self.layout.modality_slot] if self.modality_token else []
         width = max(len(ids) for ids, _ in sequences)
         input_ids, labels, mask = [], [], []
         for ids, row_labels in sequences:

@@ -3,7 +3,7 @@
 from torch.utils.data import DataLoader, Dataset
 
 from mma.adapters.base import CAPTION, INSTRUCTION
-from mma.data.base import JointDataset, MMADataModule
+from mma.data.base import Evaluation, JointDataset, MMADataModule
 from mma.data.prompts import AnswerStyle, answer_text, question_prompt
 from mma.data.synthetic import IMAGE_TYPES, Problem, blank_like, make_caption, make_problem
 from mma.errors import ConfigError
@@ -85,9 +85,6 @@ class SyntheticVQADataModule(MMADataModule):
         num_workers: DataLoader worker processes.
     """
 
-    evaluation_groups = (*IMAGE_TYPES, "image", "text", "all")
-    test_names = ("test", "blind")
-
     def __init__(
         self,
         train_size: int = 2000,
@@ -106,6 +103,10 @@ class SyntheticVQADataModule(MMADataModule):
         if not 0 <= caption_fraction < 1:
             raise ConfigError(f"caption_fraction={caption_fraction} must be in [0, 1)")
         self.save_hyperparameters()
+
+    def evaluation(self) -> Evaluation:
+        """Accuracy per picture type, image / text-only and overall; the test also runs blind."""
+        return Evaluation(groups=(*IMAGE_TYPES, "image", "text", "all"), test_names=("test", "blind"), seed=self.seed)
 
     def _dataset(self, split: str, size: int, blind: bool = False) -> SyntheticVQA:
         h = self.hparams

@@ -6,24 +6,18 @@ training starts, so a bad file is reported with its problem id, not as a crash h
 """
 
 import json
-import random
 from pathlib import Path
 from typing import Literal
 
-import torch
-from rich.console import Console
-from rich.markdown import Markdown
 from torch.utils.data import DataLoader, Dataset
 
-from mma.data.base import MMADataModule
+from mma.data.base import Evaluation, MMADataModule
 from mma.data.images import load_image
 from mma.data.prompts import LETTERS, AnswerStyle, check_format, format_options, scienceqa_input, scienceqa_output
 from mma.errors import DataError
-from mma.evaluate import markdown_table, read_predictions, write_predictions
-from mma.metrics import GroupedAccuracy
 
 MissingImages = Literal["error", "skip", "text_only"]
-Evaluation = Literal["generate", "score"]
+EvaluationMode = Literal["generate", "score"]
 # The official table's columns, in its order.
 OFFICIAL_COLUMNS = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12", "Avg")
 _SUBJECTS = {"natural science": "NAT", "social science": "SOC", "language science": "LAN"}
@@ -204,9 +198,6 @@ class ScienceQADataModule(MMADataModule):
         seed: seed of the shuffling and of the random fallback.
     """
 
-    evaluation_groups = OFFICIAL_COLUMNS
-    overall_group = "Avg"
-
     def __init__(
         self,
         root: str = "data/scienceqa",
@@ -219,7 +210,7 @@ class ScienceQADataModule(MMADataModule):
         use_caption: bool = False,
         captions: str | None = None,
         missing_images: MissingImages = "error",
-        evaluation: Evaluation = "generate",
+        evaluation: EvaluationMode = "generate",
         unparseable: Literal["wrong", "random"] = "wrong",
         batch_size: int = 4,
         eval_batch_size: int = 8,
@@ -230,19 +221,37 @@ class ScienceQADataModule(MMADataModule):
         self.save_hyperparameters()
         check_format(prompt_format)
         self.root = Path(root)
-        self.test_names = (test_split,)
-        self.unparseable = unparseable
-        self.fallback_rng = random.Random(seed)
         self._problems: tuple[dict, dict] | None = None
+
+    def evaluation(self) -> Evaluation:
+        """The official table's columns, written as ScienceQA reports (``mma.evaluate``)."""
+        h = self.hparams
+        return Evaluation(
+            groups=OFFICIAL_COLUMNS,
+            headline="Avg",
+            test_names=(h.test_split,),
+            unparseable=h.unparseable,
+            seed=h.seed,
+            report="scienceqa",
+            metadata={
+                "prompt_format": h.prompt_format,
+                "evaluation": h.evaluation,
+                "unparseable_policy": h.unparseable,
+            },
+        )
+
+    def problems(self) -> tuple[dict, dict]:
+        """``problems.json`` and ``pid_splits.json`` of the official layout, read once and checked."""
+        if self._problems is None:
+            self._problems = load_problems(self.root, self.hparams.captions)
+        return self._problems
 
     def dataset(self, split: str, mode: Literal["train", "generate", "score"]) -> Dataset:
         h = self.hparams
         if h.layout == "llava":
             path = self.root / f"llava_{split}_QCM-LEA.json"
             return LLaVAScienceQA(path, self.root / "images" / split, "train" if mode == "train" else "generate")
-        if self._problems is None:
-            self._problems = load_problems(self.root, h.captions)
-        problems, splits = self._problems
+        problems, splits = self.problems()
         pids = split_ids(problems, splits, split, self.root)
         return ScienceQA(
             self.root, problems, pids, split, h.prompt_format, h.answer_style, h.use_caption, h.missing_images, mode
@@ -271,26 +280,3 @@ class ScienceQADataModule(MMADataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self.eval_loader(self.predict_set)
-
-    def report(self, name: str, records: list[dict], scores: dict, unparseable: int, folder: Path) -> None:
-        """Write ``predictions_<split>.json`` and ``results_<split>.md`` (official columns); print the table."""
-        h = self.hparams
-        folder.mkdir(parents=True, exist_ok=True)
-        metadata = {"prompt_format": h.prompt_format, "evaluation": h.evaluation, "unparseable_policy": h.unparseable}
-        write_predictions(folder / f"predictions_{name}.json", name, records, metadata)
-        table = markdown_table(OFFICIAL_COLUMNS, scores)
-        note = f"{len(records)} problems, {unparseable} unparseable answers (counted {h.unparseable})"
-        (folder / f"results_{name}.md").write_text(f"# ScienceQA {name}\n\n{table}\n\n{note}\n")
-        Console().print(Markdown(f"**ScienceQA {name}, accuracy (%)**: {note}\n\n{table}"))
-
-    def rescore(self, predictions: Path) -> dict[str, float]:
-        """Official accuracies of a predictions file, which must be of ``test_split`` and cover it exactly."""
-        problems, splits = self._problems or load_problems(self.root, self.hparams.captions)
-        pids = split_ids(problems, splits, self.hparams.test_split, self.root)
-        chosen = read_predictions(predictions, self.hparams.test_split, pids)
-        metric = GroupedAccuracy(OFFICIAL_COLUMNS)
-        metric.update(
-            torch.tensor([chosen[p] == problems[p]["answer"] for p in pids]),
-            [official_groups(problems[p]) for p in pids],
-        )
-        return {k: float(v) for k, v in metric.compute().items()}

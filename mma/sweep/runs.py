@@ -17,8 +17,8 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from mma.build import build_model
 from mma.checkpoint import save_adapter
-from mma.commands.params import count_parameters
 from mma.module import MMAModule
+from mma.parameters import count_parameters
 from mma.sweep.spec import Run, parse, quiet_lightning
 
 CONFIG_FILE = "config.yaml"

@@ -17,18 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from jsonargparse import ArgumentError, ArgumentParser
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import OmegaConf
 
-from mma.adapters import get_adapter
-from mma.build import load_preset
 from mma.errors import ConfigError, MMAError
 
 MODES = ("train", "params")
-# ``adapter_config`` is a free mapping to the CLI parser: a dotted option below it would arrive as a string, so
-# such keys are merged into the whole mapping here and checked against the adapter's own config dataclass.
-ADAPTER_CONFIG = "model.model.adapter_config"
 
 
 @dataclass
@@ -124,8 +118,8 @@ def cli_value(value: Any) -> str:
 
 
 def parse(recipe: str, args: list[str]):
-    """``mma.cli.config_cli`` with its exits and instantiation errors turned into one ``ConfigError`` line."""
-    from mma.cli import config_cli
+    """``mma.recipe.config_cli`` with its exits and instantiation errors turned into one ``ConfigError`` line."""
+    from mma.recipe import config_cli
 
     stderr = io.StringIO()
     try:
@@ -138,31 +132,11 @@ def parse(recipe: str, args: list[str]):
         raise ConfigError(str(err)) from None
 
 
-def typed_adapter_settings(adapter: str, settings: dict) -> dict:
-    """``settings`` checked against the adapter's config dataclass: unknown keys and wrong types are named, and
-    every default is filled in."""
-    method = get_adapter(adapter)
-    method.make_config(settings)
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_class_arguments(method.config_cls)
-    try:
-        namespace = parser.parse_object(settings)
-    except ArgumentError as err:  # its message names the key
-        raise ConfigError(f"adapter {adapter!r}: {' '.join(str(err).split())}") from None
-    return json.loads(parser.dump(namespace, format="json"))
-
-
 def resolve(point: Point) -> Run:
-    """Parse ``point`` like ``mma fit`` would, with its adapter settings typed; errors name the run and key."""
+    """Parse ``point`` like ``mma fit`` would (adapter settings typed and range-checked by the parser); errors name
+    the run and the key."""
+    args = [f"--{key}={cli_value(value)}" for key, value in point.settings.items()]
     try:
-        adapter_keys = {k: v for k, v in point.settings.items() if k.startswith(f"{ADAPTER_CONFIG}.")}
-        args = [f"--{k}={cli_value(v)}" for k, v in point.settings.items() if k not in adapter_keys]
-        model_config = parse(point.recipe, args).model.model_config
-        settings = {
-            **load_preset(model_config.adapter_config),
-            **{k.removeprefix(f"{ADAPTER_CONFIG}."): v for k, v in adapter_keys.items()},
-        }
-        args.append(f"--{ADAPTER_CONFIG}={json.dumps(typed_adapter_settings(model_config.adapter, settings))}")
         cli = parse(point.recipe, args)
     except ConfigError as err:
         raise ConfigError(f"run {point.name!r}: {err}") from None

@@ -1,11 +1,14 @@
-"""Data: the built-in synthetic task, collation into the model's layout, prompt formats."""
+"""Data: the built-in synthetic task, easy-VQA, ScienceQA, collation into the model's layout, prompt formats."""
 
 from mma.data.base import EpochSampler, MMADataModule
 from mma.data.collate import VLMCollator
 from mma.data.datamodule import SyntheticVQA, SyntheticVQADataModule
+from mma.data.easyvqa import EasyVQA, EasyVQADataModule
 from mma.data.scienceqa import ScienceQA, ScienceQADataModule
 
 __all__ = [
+    "EasyVQA",
+    "EasyVQADataModule",
     "EpochSampler",
     "MMADataModule",
     "ScienceQA",

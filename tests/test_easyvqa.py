@@ -11,6 +11,7 @@ from timm.data import create_transform
 from mma.backbones.tokenizer import byte_tokenizer
 from mma.data import EasyVQA, EasyVQADataModule
 from mma.data.collate import VLMCollator
+from mma.layout import SequenceLayout
 from mma.data.easyvqa import OPTIONS, read_split, stratified_subset
 from mma.errors import ConfigError, DataError
 
@@ -87,7 +88,9 @@ def test_the_blind_control_asks_the_same_questions_over_blank_pictures(data):
 def test_collation_expands_every_option(data):
     kinds = {q.kind: i for i, q in enumerate(data.val_set.questions)}  # one question of each type
     samples = [data.val_set[i] for i in kinds.values()]
-    collate = VLMCollator(byte_tokenizer(), create_transform(input_size=(3, 32, 32)), 4, modality_token=True)
+    collate = VLMCollator(
+        byte_tokenizer(), create_transform(input_size=(3, 32, 32)), SequenceLayout(modality_token=True), 4
+    )
     batch = collate(samples)
     assert batch["input_ids"].shape[0] == batch["pixel_values"].shape[0] == 2 + 3 + 8
     assert batch["pixel_values"].shape[1:] == (3, 32, 32)
@@ -136,4 +139,4 @@ def test_train_and_test_through_lightning(tmp_path):
     trainer.fit(module, datamodule=data)
     results = trainer.test(module, datamodule=data, verbose=False)[0]
     assert trainer.global_step == 2
-    assert {f"{name}/{group}" for name in ("test", "blind") for group in data.evaluation_groups} <= set(results)
+    assert {f"{name}/{group}" for name in ("test", "blind") for group in data.evaluation().groups} <= set(results)

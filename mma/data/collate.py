@@ -49,7 +49,9 @@ class VLMCollator:
     def __call__(self, samples: list[dict]) -> dict:
         rows = [row for sample in samples for row in self._expand(sample)]
         batch = self._pad([self._sequence(sample, answer) for sample, answer in rows])
-        images = [self._pixels(sample["image"]) for sample, _ in rows if sample["image"] is not None]
+        # One transform per picture, shared by every option row of its sample.
+        pixels = {id(s): self._pixels(s["image"]) for s in samples if s["image"] is not None}
+        images = [pixels[id(sample)] for sample, _ in rows if sample["image"] is not None]
         batch["pixel_values"] = torch.stack(images) if images else None
         batch["has_image"] = torch.tensor([sample["image"] is not None for sample, _ in rows])
         if "candidates" in samples[0]:

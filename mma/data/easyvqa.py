@@ -19,7 +19,7 @@ from typing import Literal
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from mma.data.base import MMADataModule
+from mma.data.base import Evaluation, MMADataModule
 from mma.data.images import load_image
 from mma.data.prompts import answer_text, question_prompt
 from mma.errors import ConfigError, DataError
@@ -184,9 +184,6 @@ class EasyVQADataModule(MMADataModule):
         num_workers: DataLoader worker processes.
     """
 
-    evaluation_groups = ("shape", "colour", "yes/no", "all")
-    test_names = ("test", "blind")
-
     def __init__(
         self,
         prompt_style: PromptStyle = "lavin",
@@ -208,6 +205,10 @@ class EasyVQADataModule(MMADataModule):
         if train_size is not None and train_size < 1:
             raise ConfigError(f"train_size={train_size} must be at least 1 or null (all)")
         self.save_hyperparameters()
+
+    def evaluation(self) -> Evaluation:
+        """Accuracy per question type; the test also runs over blank pictures (the blind control)."""
+        return Evaluation(groups=("shape", "colour", "yes/no", "all"), test_names=("test", "blind"), seed=self.seed)
 
     def setup(self, stage: str) -> None:
         """Read (and so check) the splits the stage needs before any step runs."""

@@ -11,9 +11,9 @@ from timm.data import create_transform
 from mma.backbones.tokenizer import byte_tokenizer
 from mma.data import EasyVQA, EasyVQADataModule
 from mma.data.collate import VLMCollator
-from mma.layout import SequenceLayout
 from mma.data.easyvqa import OPTIONS, read_split, stratified_subset
 from mma.errors import ConfigError, DataError
+from mma.layout import SequenceLayout
 
 easy_vqa = pytest.importorskip("easy_vqa", reason="easy-vqa is not installed: pip install --no-deps easy-vqa==1.0")
 

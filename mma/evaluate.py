@@ -3,6 +3,7 @@
 import json
 import random
 import re
+from collections.abc import Collection
 from pathlib import Path
 
 from mma.data.prompts import LETTERS
@@ -30,10 +31,21 @@ def resolve_unparseable(parsed: int | None, num_choices: int, policy: str, rng: 
     return rng.randrange(num_choices) if policy == "random" else -1
 
 
-def markdown_table(columns: tuple[str, ...], scores: dict[str, float]) -> str:
-    """One-row Markdown table of accuracies in percent, in ``columns`` order."""
-    cells = [f"{100 * scores[c]:.2f}" if scores.get(c) == scores.get(c) else "-" for c in columns]
+def markdown_table(columns: tuple[str, ...], scores: dict[str, float], unavailable: Collection[str] = ()) -> str:
+    """One-row Markdown table of accuracies in percent, in ``columns`` order: ``-`` for a group without samples,
+    ``n/a`` for a column the data cannot fill (``unavailable``)."""
+    cells = [
+        "n/a" if c in unavailable else f"{100 * scores[c]:.2f}" if scores.get(c) == scores.get(c) else "-"
+        for c in columns
+    ]
     return "\n".join(["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns), "| " + " | ".join(cells) + " |"])
+
+
+def score_note(normalisation: str, scores: dict[str, float], overall: str) -> str:
+    """How scored options were compared, with the overall accuracy under each normalisation measured."""
+    others = [f"{name.split('@')[1]} {100 * v:.2f}" for name, v in scores.items() if name.startswith(f"{overall}@")]
+    measured = f" ({overall} under {', '.join(others)})" if others else ""
+    return f"options scored by log-likelihood, normalisation {normalisation}{measured}"
 
 
 def write_predictions(path: Path, split: str, records: list[dict], metadata: dict) -> None:

@@ -4,7 +4,7 @@
 import json
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import torch
@@ -39,10 +39,21 @@ def resolve_unparseable(parsed: int | None, num_choices: int, policy: str, rng: 
     return rng.randrange(num_choices) if policy == "random" else -1
 
 
-def markdown_table(columns: tuple[str, ...], scores: dict[str, float]) -> str:
-    """One-row Markdown table of accuracies in percent, in ``columns`` order."""
-    cells = [f"{100 * scores[c]:.2f}" if scores.get(c) == scores.get(c) else "-" for c in columns]
+def markdown_table(columns: tuple[str, ...], scores: dict[str, float], unavailable: Collection[str] = ()) -> str:
+    """One-row Markdown table of accuracies in percent, in ``columns`` order: ``-`` for a group without samples,
+    ``n/a`` for a column the data cannot fill (``unavailable``)."""
+    cells = [
+        "n/a" if c in unavailable else f"{100 * scores[c]:.2f}" if scores.get(c) == scores.get(c) else "-"
+        for c in columns
+    ]
     return "\n".join(["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns), "| " + " | ".join(cells) + " |"])
+
+
+def score_note(normalisation: str, scores: dict[str, float], overall: str) -> str:
+    """How scored options were compared, with the overall accuracy under each normalisation measured."""
+    others = [f"{name.split('@')[1]} {100 * v:.2f}" for name, v in scores.items() if name.startswith(f"{overall}@")]
+    measured = f" ({overall} under {', '.join(others)})" if others else ""
+    return f"options scored by log-likelihood, normalisation {normalisation}{measured}"
 
 
 def write_predictions(path: Path, split: str, records: list[dict], metadata: dict) -> None:
@@ -76,8 +87,13 @@ def scienceqa_report(
     """Write ``predictions_<split>.json`` and ``results_<split>.md`` (official columns); print the table."""
     folder.mkdir(parents=True, exist_ok=True)
     write_predictions(folder / f"predictions_{name}.json", name, records, evaluation.metadata)
-    table = markdown_table(evaluation.groups, scores)
-    note = f"{len(records)} problems, {unparseable} unparseable answers (counted {evaluation.unparseable})"
+    table = markdown_table(evaluation.groups, scores, evaluation.unavailable)
+    if evaluation.metadata.get("evaluation") == "score":
+        note = f"{len(records)} problems, {score_note(evaluation.score_normalisation, scores, evaluation.headline)}"
+    else:
+        note = f"{len(records)} problems, {unparseable} unparseable answers (counted {evaluation.unparseable})"
+    if evaluation.unavailable:
+        note += "; n/a: LLaVA's files carry no subject or grade"
     (folder / f"results_{name}.md").write_text(f"# ScienceQA {name}\n\n{table}\n\n{note}\n")
     Console().print(Markdown(f"**ScienceQA {name}, accuracy (%)**: {note}\n\n{table}"))
 

@@ -1,9 +1,15 @@
 """Accuracy per group of questions (question type, subject, grade, ...), synced across processes by torchmetrics."""
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torchmetrics import Metric
+
+# How an option's log-likelihood is compared with the others': summed over its tokens (favours short options),
+# per token, or per character of the scored text (lm-evaluation-harness's acc_norm).
+Normalisation = Literal["sum", "mean", "char"]
+NORMALISATIONS: tuple[Normalisation, ...] = ("sum", "mean", "char")
 
 
 class GroupedAccuracy(Metric):
@@ -43,3 +49,32 @@ def choose_options(scores: torch.Tensor, sample_index: torch.Tensor) -> torch.Te
     """
     counts = torch.bincount(sample_index).tolist()
     return torch.stack([options.argmax() for options in scores.split(counts)])
+
+
+def option_scores(
+    logprobs: torch.Tensor, rows: torch.Tensor, num_rows: int, normalisation: Normalisation, option_chars: torch.Tensor
+) -> torch.Tensor:
+    """Score of each (sample, option) row from its tokens' log-probabilities.
+
+    logprobs (N,) and rows (N,) list every scored token and its row (``VisionLanguageModel.token_logprobs``);
+    option_chars (R,) is each row's scored text length; returns (R,) with R = ``num_rows``.
+    """
+    total = logprobs.new_zeros(num_rows).index_add(0, rows, logprobs)  # (R,)
+    if normalisation == "sum":
+        return total
+    if normalisation == "mean":
+        return total / torch.bincount(rows, minlength=num_rows).clamp(min=1)
+    if normalisation == "char":
+        return total / option_chars.to(total).clamp(min=1)
+    raise ValueError(f"unknown normalisation {normalisation!r}; choose from {NORMALISATIONS}")
+
+
+def choices_by_normalisation(
+    logprobs: torch.Tensor, rows: torch.Tensor, sample_index: torch.Tensor, option_chars: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Chosen option of each sample (S,) under every normalisation, from one pass's token log-probabilities."""
+    num_rows = len(sample_index)
+    return {
+        name: choose_options(option_scores(logprobs, rows, num_rows, name, option_chars), sample_index)
+        for name in NORMALISATIONS
+    }

@@ -25,7 +25,7 @@ from mma.data.base import Evaluation, MMADataModule
 from mma.data.collate import VLMCollator
 from mma.errors import ConfigError, DataError, TrainingDiverged
 from mma.evaluate import REPORTS, parse_answer, resolve_unparseable
-from mma.metrics import GroupedAccuracy, choose_options
+from mma.metrics import NORMALISATIONS, GroupedAccuracy, choices_by_normalisation
 from mma.model import VisionLanguageModel
 from mma.optim import OptimizerConfig, make_optimizer, warmup_cosine
 
@@ -117,7 +117,11 @@ class MMAModule(L.LightningModule):
         self.fallback_rng = random.Random(self.evaluation.seed)
         groups = self.evaluation.groups
         self.val_accuracy = GroupedAccuracy(groups)
-        self.test_accuracy = torch.nn.ModuleList(GroupedAccuracy(groups) for _ in self.evaluation.test_names)
+        names = self.evaluation.test_names
+        self.test_accuracy = torch.nn.ModuleList(GroupedAccuracy(groups) for _ in names)
+        # Overall accuracy under every option-score normalisation ("Avg@sum", ...), from the same forward pass.
+        by_normalisation = [f"{self.evaluation.headline}@{name}" for name in NORMALISATIONS]
+        self.test_by_normalisation = torch.nn.ModuleList(GroupedAccuracy(by_normalisation) for _ in names)
         if isinstance(self.trainer.strategy, DDPStrategy):
             # A process whose batch is all text-only runs no ViT, so the ViT adapters and the projector get no
             # gradient there, and DDP that does not look for unused parameters waits for them forever. Lightning
@@ -163,25 +167,33 @@ class MMAModule(L.LightningModule):
         else:
             loss.backward(*args, inputs=inputs, **kwargs)
 
-    def _choose(self, batch: dict) -> tuple[torch.Tensor, list[str | None]]:
-        """Chosen option per sample (-1: none) and the generated text (None when options are scored).
+    def _choose(self, batch: dict) -> tuple[torch.Tensor, list[str | None], dict[str, torch.Tensor]]:
+        """Chosen option per sample (-1: none), the generated text (None when options are scored) and, when
+        scored, the choice under every normalisation.
 
-        Batches with ``candidates`` are scored by log-likelihood; others are answered by greedy generation and
-        parsed for ``The answer is X``; an unparseable answer follows the data module's ``unparseable`` policy.
+        Batches with ``candidates`` are scored by log-likelihood, normalised as the data module's
+        ``score_normalisation`` says (``sum`` without one); others are answered by greedy generation and parsed
+        for ``The answer is X``; an unparseable answer follows the data module's ``unparseable`` policy.
         """
         if "sample_index" in batch:
-            scores = self.model.sequence_logprobs(batch).float().cpu()
-            return choose_options(scores, batch["sample_index"].cpu()), [None] * len(batch["target"])
+            chosen = self._score_options(batch)
+            return chosen[self.evaluation.score_normalisation], [None] * len(batch["target"]), chosen
         tokens = self.model.generate(batch, max_new_tokens=self.hparams.max_new_tokens)
         texts = self.model.tokenizer.batch_decode(tokens, skip_special_tokens=True)
         policy, rng = self.evaluation.unparseable, self.fallback_rng
         parsed = [parse_answer(text, choices) for text, choices in zip(texts, batch["choices"], strict=True)]
         self._unparseable += sum(p is None for p in parsed)
         chosen = [resolve_unparseable(p, len(c), policy, rng) for p, c in zip(parsed, batch["choices"], strict=True)]
-        return torch.tensor(chosen), texts
+        return torch.tensor(chosen), texts, {}
+
+    def _score_options(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Chosen option per sample under each normalisation of the options' log-likelihoods: name -> (S,)."""
+        logprobs, rows = self.model.token_logprobs(batch)
+        sample_index, chars = batch["sample_index"].cpu(), batch["option_chars"].cpu()
+        return choices_by_normalisation(logprobs.float().cpu(), rows.cpu(), sample_index, chars)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        chosen, _ = self._choose(batch)
+        chosen, _, _ = self._choose(batch)
         self.val_accuracy.update(chosen == torch.tensor(batch["target"]), batch["groups"])
 
     def on_validation_epoch_end(self) -> None:
@@ -197,8 +209,12 @@ class MMAModule(L.LightningModule):
         self._records = [[] for _ in self.evaluation.test_names]
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        chosen, texts = self._choose(batch)
-        self.test_accuracy[dataloader_idx].update(chosen == torch.tensor(batch["target"]), batch["groups"])
+        chosen, texts, by_normalisation = self._choose(batch)
+        target = torch.tensor(batch["target"])
+        self.test_accuracy[dataloader_idx].update(chosen == target, batch["groups"])
+        for name, choice in by_normalisation.items():
+            group = [f"{self.evaluation.headline}@{name}"]
+            self.test_by_normalisation[dataloader_idx].update(choice == target, [group] * len(choice))
         pids = batch.get("pid", [f"{batch_idx}:{i}" for i in range(len(texts))])
         self._records[dataloader_idx] += [
             {"pid": pid, "predicted": int(c), "text": t} for pid, c, t in zip(pids, chosen, texts, strict=True)
@@ -209,12 +225,16 @@ class MMAModule(L.LightningModule):
         evaluation = self.evaluation
         report = REPORTS[evaluation.report] if evaluation.report else None
         folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-        for name, metric, records in zip(evaluation.test_names, self.test_accuracy, self._records, strict=True):
+        metrics = zip(evaluation.test_names, self.test_accuracy, self.test_by_normalisation, self._records, strict=True)
+        for name, metric, normalised, records in metrics:
             scores = {k: float(v) for k, v in metric.compute().items()}
+            if normalised.update_called:  # options were scored
+                scores |= {k: float(v) for k, v in normalised.compute().items()}
             self.log_dict({f"{name}/{k}": v for k, v in scores.items()}, add_dataloader_idx=False)
             if report is not None and self.trainer.is_global_zero:
                 report(name, records, scores, self._unparseable, evaluation, folder)
             metric.reset()
+            normalised.reset()
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         """Greedy answers, one dict per sample with the generated text and the sample's own fields."""

@@ -14,14 +14,13 @@ from PIL import Image
 
 from mma.data.scienceqa import (
     OFFICIAL_COLUMNS,
-    LLaVAScienceQA,
     ScienceQA,
     ScienceQADataModule,
     load_problems,
     official_groups,
     split_ids,
 )
-from mma.errors import DataError
+from mma.errors import ConfigError, DataError
 from mma.evaluate import (
     markdown_table,
     parse_answer,
@@ -30,7 +29,7 @@ from mma.evaluate import (
     resolve_unparseable,
     write_predictions,
 )
-from mma.metrics import GroupedAccuracy
+from mma.metrics import GroupedAccuracy, choices_by_normalisation, option_scores
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "scienceqa-sample"
 needs_sample = pytest.mark.skipif(not SAMPLE.is_dir(), reason="ScienceQA sample not beside the repository")
@@ -63,11 +62,11 @@ def _write(root: Path, problems: dict, splits: dict) -> Path:
     return root
 
 
-def _dataset(root: Path, split: str = "train", missing: str = "error", mode: str = "train", fmt: str = "QCM-ALE"):
+def _dataset(
+    root: Path, split: str = "train", missing: str = "error", mode: str = "train", fmt: str = "QCM-ALE", style="letter"
+):
     problems, splits = load_problems(root)
-    return ScienceQA(
-        root, problems, split_ids(problems, splits, split, root), split, fmt, "letter", False, missing, mode
-    )
+    return ScienceQA(root, problems, split_ids(problems, splits, split, root), split, fmt, style, False, missing, mode)
 
 
 def test_category_rules_and_table_match_a_hand_computation():
@@ -201,27 +200,6 @@ def test_rescore_a_predictions_file(tmp_path):
     assert scores["Avg"] == 0.5 and scores["NAT"] == 0.5 and scores["NO"] == 0.5
 
 
-def test_llava_conversations(tmp_path):
-    records = [
-        {
-            "id": "7",
-            "image": "7/image.png",
-            "conversations": [
-                {"from": "human", "value": "Question: Which is a mammal?\nOptions: (A) frog (B) whale\n<image>"},
-                {"from": "gpt", "value": "Mammals feed milk. The answer is B."},
-            ],
-        }
-    ]
-    (tmp_path / "7").mkdir()
-    Image.new("RGB", (8, 8)).save(tmp_path / "7" / "image.png")
-    (tmp_path / "llava.json").write_text(json.dumps(records))
-    train = LLaVAScienceQA(tmp_path / "llava.json", tmp_path, "train")[0]
-    assert train["prompt"] == "Question: Which is a mammal?\nOptions: (A) frog (B) whale"
-    assert train["answer"] == "Mammals feed milk. The answer is B." and train["image"] is not None
-    evaluation = LLaVAScienceQA(tmp_path / "llava.json", tmp_path, "generate")[0]
-    assert evaluation["target"] == 1 and evaluation["choices"] == ["A", "B"]
-
-
 def test_fit_and_test_write_predictions_and_the_table(tmp_path):
     from conftest import tiny_config, tiny_trainer
 
@@ -246,3 +224,62 @@ def test_fit_and_test_write_predictions_and_the_table(tmp_path):
     no_answer = sum(p["answer"] is None for p in predictions["predictions"].values())
     assert results["test/unparseable"] == no_answer  # counted wrong, never silently replaced
     assert (tmp_path / "results_test.md").read_text().count("|") > 10
+
+
+def test_a_short_wrong_option_wins_the_sum_and_loses_the_mean():
+    """Rows 0-1 are one problem: "no" (wrong, 1 token at -2.0) against "a long right answer" (4 tokens at -1.0)."""
+    logprobs = torch.tensor([-2.0, -1.0, -1.0, -1.0, -1.0])
+    rows = torch.tensor([0, 1, 1, 1, 1])
+    chars = torch.tensor([2, 19])
+    assert option_scores(logprobs, rows, 2, "sum", chars).tolist() == [-2.0, -4.0]
+    assert option_scores(logprobs, rows, 2, "mean", chars).tolist() == [-2.0, -1.0]
+    assert option_scores(logprobs, rows, 2, "char", chars).tolist() == pytest.approx([-1.0, -4 / 19])
+    chosen = choices_by_normalisation(logprobs, rows, torch.tensor([0, 0]), chars)
+    assert {name: c.tolist() for name, c in chosen.items()} == {"sum": [0], "mean": [1], "char": [1]}
+
+
+def test_summed_option_scores_are_the_models_sequence_logprobs():
+    from conftest import collator_for, tiny_model
+
+    model = tiny_model("lavin")
+    samples = [{"prompt": "Which is a mammal?", "image": None, "candidates": ["frog", "a large whale"]}]
+    batch = collator_for(model)(samples)
+    assert batch["option_chars"].tolist() == [4, 13]
+    logprobs, rows = model.token_logprobs(batch)
+    summed = option_scores(logprobs, rows, 2, "sum", batch["option_chars"])
+    torch.testing.assert_close(summed, model.sequence_logprobs(batch))
+    counts = (batch["labels"] != -100).sum(1).float()  # the option's tokens and EOS
+    torch.testing.assert_close(option_scores(logprobs, rows, 2, "mean", batch["option_chars"]), summed / counts)
+
+
+def test_cloze_prompt_lists_no_options_and_scores_their_texts(tmp_path):
+    root = _write(tmp_path, {"7": _problem(hint="Whales live in the sea.")}, {"train": ["7"]})
+    sample = _dataset(root, mode="score", fmt="cloze")[0]
+    assert sample["prompt"] == "Question: Whales live in the sea.\nWhich is a mammal?\nAnswer:"
+    assert sample["candidates"] == ["frog", "whale", "shark"]
+    assert _dataset(root, fmt="cloze")[0]["answer"] == "whale"
+    no_hint = _write(tmp_path / "b", {"7": _problem()}, {"train": ["7"]})
+    assert _dataset(no_hint, mode="score", fmt="cloze")[0]["prompt"] == "Question: Which is a mammal?\nAnswer:"
+    with pytest.raises(ConfigError, match="cloze lists no options"):
+        ScienceQADataModule(root=str(root), prompt_format="cloze")
+
+
+def test_unavailable_columns_say_so():
+    row = markdown_table(("NAT", "IMG", "Avg"), {"NAT": float("nan"), "IMG": float("nan"), "Avg": 0.5}, ("NAT",))
+    assert row.splitlines()[2] == "| n/a | - | 50.00 |"
+
+
+def test_scored_test_reports_every_normalisation(tmp_path):
+    from conftest import tiny_config, tiny_trainer
+
+    from mma.module import MMAModule
+
+    root = _write(tmp_path / "data", {str(i): _problem(answer=i % 3) for i in range(4)}, {"test": ["0", "1", "2", "3"]})
+    data = ScienceQADataModule(
+        root=str(root), prompt_format="cloze", evaluation="score", score_normalisation="sum", eval_batch_size=3
+    )
+    module = MMAModule(tiny_config(), max_length=384)
+    results = tiny_trainer(default_root_dir=tmp_path).test(module, datamodule=data, verbose=False)[0]
+    assert results["test/Avg"] == results["test/Avg@sum"]
+    assert {"test/Avg@mean", "test/Avg@char"} <= set(results)
+    assert "normalisation sum (Avg under sum" in (tmp_path / "results_test.md").read_text()

@@ -103,6 +103,9 @@ class Evaluation:
         test_names: one name per test loader (``test``, ``blind``, ...): metric prefixes and report names.
         unparseable: a generated answer that names no option counts as ``wrong``, or (LaVIN) as a ``random`` one.
         seed: seed of the random fallback.
+        score_normalisation: how scored options compare: ``sum`` of log-probabilities, ``mean`` per token, or per
+            ``char`` of the scored text; the overall accuracy under each is logged too (``test/all@mean``, ...).
+        unavailable: groups the data cannot fill (reports mark them ``n/a``).
         report: the report the evaluation code writes for each test loader (``scienceqa``), or None.
         metadata: what the report records about the run's data settings.
     """
@@ -112,6 +115,8 @@ class Evaluation:
     test_names: tuple[str, ...] = ("test",)
     unparseable: Literal["wrong", "random"] = "wrong"
     seed: int = 0
+    score_normalisation: Literal["sum", "mean", "char"] = "sum"
+    unavailable: tuple[str, ...] = ()
     report: str | None = None
     metadata: dict = field(default_factory=dict)
 

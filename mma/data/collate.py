@@ -1,7 +1,8 @@
 """Samples -> padded tensors in the model's sequence layout (``mma.layout.SequenceLayout``).
 
 A sample is a dict with ``prompt`` (str), ``image`` (PIL image, (3, H, W) tensor or None) and either ``answer``
-(str or None, for training and generation) or ``candidates`` (list of answer strings, for option scoring).
+(str or None, for training and generation) or ``candidates`` (list of answer strings, for option scoring; their
+lengths in characters go along as ``option_chars`` for per-character normalisation).
 Other keys (``category``, ``target``, ids) are passed through as lists.
 """
 
@@ -56,6 +57,7 @@ class VLMCollator:
         batch["has_image"] = torch.tensor([sample["image"] is not None for sample, _ in rows])
         if "candidates" in samples[0]:
             batch["sample_index"] = torch.tensor([i for i, s in enumerate(samples) for _ in s["candidates"]])
+            batch["option_chars"] = torch.tensor([len(c) for s in samples for c in s["candidates"]])
         for key in samples[0].keys() - set(_TENSOR_KEYS):
             batch[key] = [sample[key] for sample in samples]
         return batch

@@ -38,12 +38,19 @@ def answer_text(choices: list[str], answer: int, style: AnswerStyle = "letter") 
 INPUT_FORMATS = ("CQM", "QCM", "QCML", "QCME", "QCMLE", "QCLM", "QCEM", "QCLEM")
 OUTPUT_FORMATS = ("A", "AL", "AE", "ALE", "AEL", "LA", "EA", "LEA", "ELA")
 _FIELD_NAMES = {"Q": "Question", "C": "Context", "M": "Options"}
+# The cloze format lists no options: each option's text is scored as the continuation of ``Answer:``, as
+# evaluation harnesses do (lm-evaluation-harness, for ARC and SciQ).
+CLOZE = "cloze"
 
 
 def check_format(fmt: str) -> None:
+    if fmt == CLOZE:
+        return
     inputs, _, outputs = fmt.partition("-")
     if inputs not in INPUT_FORMATS or outputs not in OUTPUT_FORMATS:
-        raise ValueError(f"unknown prompt format {fmt!r}: inputs {INPUT_FORMATS}, outputs {OUTPUT_FORMATS}")
+        raise ValueError(
+            f"unknown prompt format {fmt!r}: {CLOZE}, or inputs {INPUT_FORMATS} - outputs {OUTPUT_FORMATS}"
+        )
 
 
 def _explanation(letters: str, lecture: str, solution: str) -> str:
@@ -71,3 +78,8 @@ def scienceqa_output(fmt: str, answer: str, lecture: str, solution: str) -> str:
     else:
         text = f"{explanation} The answer is {answer}."
     return text.replace("  ", " ").strip()
+
+
+def cloze_prompt(question: str, context: str) -> str:
+    """``Question: [context\\n]question\\nAnswer:``; the options are not shown, their texts are scored."""
+    return "Question: " + "\n".join(part for part in (context, question) if part) + "\nAnswer:"

@@ -2,10 +2,13 @@
 
 Official layout: ``problems.json`` (pid -> problem), ``pid_splits.json`` (split -> pids),
 ``images/<split>/<pid>/image.png``. Problems are validated when loaded and every image path is checked before
-training starts, so a bad file is reported with its problem id, not as a crash hours in.
+training starts, so a bad file is reported with its problem id, not as a crash hours in. LLaVA's files are parsed
+in full when read, for the same reason: each turn's options, answer and categories are known before any step.
 """
 
 import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -13,14 +16,26 @@ from torch.utils.data import DataLoader, Dataset
 
 from mma.data.base import Evaluation, MMADataModule
 from mma.data.images import load_image
-from mma.data.prompts import LETTERS, AnswerStyle, check_format, format_options, scienceqa_input, scienceqa_output
-from mma.errors import DataError
+from mma.data.prompts import (
+    CLOZE,
+    INPUT_FORMATS,
+    LETTERS,
+    AnswerStyle,
+    check_format,
+    cloze_prompt,
+    format_options,
+    scienceqa_input,
+    scienceqa_output,
+)
+from mma.errors import ConfigError, DataError
 
 MissingImages = Literal["error", "skip", "text_only"]
 EvaluationMode = Literal["generate", "score"]
 # The official table's columns, in its order.
 OFFICIAL_COLUMNS = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12", "Avg")
 _SUBJECTS = {"natural science": "NAT", "social science": "SOC", "language science": "LAN"}
+# Columns a LLaVA file cannot fill: its records carry no subject or grade.
+LLAVA_UNAVAILABLE = ("NAT", "SOC", "LAN", "G1-6", "G7-12")
 
 
 def official_groups(problem: dict) -> list[str]:
@@ -72,6 +87,23 @@ def load_problems(root: Path, captions: str | None = None) -> tuple[dict, dict]:
     return problems, splits
 
 
+def answer_candidates(choices: list[str], style: AnswerStyle) -> list[str]:
+    """``The answer is X.`` for every option, X its letter or its text."""
+    return [f"The answer is {LETTERS[i] if style == 'letter' else c}." for i, c in enumerate(choices)]
+
+
+def find_missing_images(images: dict[str, Path], policy: MissingImages, where: str) -> set[str]:
+    """Ids whose image file is absent; under the ``error`` policy the first one stops the run, named."""
+    missing = {pid: path for pid, path in images.items() if not path.is_file()}
+    if missing and policy == "error":
+        pid, path = next(iter(missing.items()))
+        raise DataError(
+            f"problem {pid}: image {path} is missing ({len(missing)} of {len(images)} images "
+            f"of {where}); set missing_images to skip or text_only to go on without them"
+        )
+    return set(missing)
+
+
 def split_ids(problems: dict, splits: dict, split: str, root: Path) -> list[str]:
     if split not in splits:
         raise DataError(f"{root / 'pid_splits.json'}: unknown split {split!r}; splits: {sorted(splits)}")
@@ -100,13 +132,7 @@ class ScienceQA(Dataset):
         self.problems, self.split, self.mode = problems, split, mode
         self.prompt_format, self.answer_style, self.use_caption = prompt_format, answer_style, use_caption
         self.images = {pid: self._image_path(root, pid) for pid in pids if problems[pid].get("image")}
-        missing = {pid: path for pid, path in self.images.items() if not path.is_file()}
-        if missing and missing_images == "error":
-            pid, path = next(iter(missing.items()))
-            raise DataError(
-                f"problem {pid}: image {path} is missing ({len(missing)} of {len(self.images)} images "
-                f"of split {split!r}); set missing_images to skip or text_only to go on without them"
-            )
+        missing = find_missing_images(self.images, missing_images, f"split {split!r}")
         self.pids = [pid for pid in pids if not (pid in missing and missing_images == "skip")]
         for pid in missing:
             self.images.pop(pid)
@@ -121,57 +147,229 @@ class ScienceQA(Dataset):
     def __getitem__(self, index: int) -> dict:
         pid = self.pids[index]
         p = self.problems[pid]
-        context = " ".join([p.get("hint") or "", p.get("caption", "") if self.use_caption else ""]).strip() or "N/A"
-        lecture = (p.get("lecture") or "").replace("\n", "\\n")
-        solution = (p.get("solution") or "").replace("\n", "\\n")
-        prompt = scienceqa_input(
-            self.prompt_format, p["question"], context, format_options(p["choices"]), lecture, solution
-        )
+        prompt, answer, candidates = self._texts(p)
         image = load_image(self.images[pid]) if pid in self.images else None
         sample = {"prompt": prompt, "image": image, "pid": pid}
-        answers = [LETTERS[i] if self.answer_style == "letter" else c for i, c in enumerate(p["choices"])]
         if self.mode == "train":
-            return {**sample, "answer": scienceqa_output(self.prompt_format, answers[p["answer"]], lecture, solution)}
+            return {**sample, "answer": answer}
         evaluation = {"target": p["answer"], "groups": official_groups(p), "choices": p["choices"]}
         if self.mode == "score":
-            return {**sample, **evaluation, "candidates": [f"The answer is {a}." for a in answers]}
+            return {**sample, **evaluation, "candidates": candidates}
         return {**sample, **evaluation, "answer": None}
+
+    def _texts(self, p: dict) -> tuple[str, str, list[str]]:
+        """Prompt, training target and the candidates to score, in ``prompt_format`` (cloze: the option texts)."""
+        context = " ".join([p.get("hint") or "", p.get("caption", "") if self.use_caption else ""]).strip()
+        if self.prompt_format == CLOZE:
+            return cloze_prompt(p["question"], context), p["choices"][p["answer"]], list(p["choices"])
+        lecture = (p.get("lecture") or "").replace("\n", "\\n")
+        solution = (p.get("solution") or "").replace("\n", "\\n")
+        options = format_options(p["choices"])
+        prompt = scienceqa_input(self.prompt_format, p["question"], context or "N/A", options, lecture, solution)
+        answer = LETTERS[p["answer"]] if self.answer_style == "letter" else p["choices"][p["answer"]]
+        target = scienceqa_output(self.prompt_format, answer, lecture, solution)
+        return prompt, target, answer_candidates(p["choices"], self.answer_style)
+
+
+# LLaVA's converter (haotian-liu/LLaVA scripts/convert_sqa_to_llava.py) writes a problem's input fields as
+# labelled lines in its format's order, e.g. QCM: the question (its ``Question: `` label dropped), ``Context: ``
+# (``N/A`` without a hint), ``Options: (A) x (B) y``; L/E letters add a ``BECAUSE: `` line, dropped when empty.
+# ``\n<image>`` ends an image problem's turn. LLaVA's evaluation file (``llava_test_CQM-A.json``) differs: it
+# starts with ``<image>\n``, has a ``Context:`` line only when there is a hint, then the question and one ``A. x``
+# line per option. Hints, questions and lectures may span several lines.
+LLAVA_STYLES = INPUT_FORMATS
+_LABELS = {"Question:": "Q", "Context:": "C", "Options:": "M", "BECAUSE:": "B"}
+# The answer of a gpt turn: ``The answer is X.`` (outputs A, LEA, ALE, ...), ``ANSWER: X.`` (LEPA), or a
+# leading ``X`` / ``X. text`` (evaluation files).
+_GPT_ANSWERS = tuple(map(re.compile, (r"The answer is ([A-Z])\.", r"\bANSWER: ([A-Z])\.", r"^([A-Z])(?:\.|$)")))
+
+
+@dataclass(frozen=True)
+class LLaVATurn:
+    """What a human turn says: its options' texts, whether it shows an image, whether it has a hint."""
+
+    options: list[str]
+    has_image: bool
+    has_context: bool
+
+
+def _sections(lines: list[str]) -> list[tuple[str, str]]:
+    """(field letter, text) of each field: a labelled line opens a field, other lines continue it, and an
+    unlabelled start is the question. ``B`` is a BECAUSE line."""
+    sections: list[tuple[str, list[str]]] = []
+    for line in lines:
+        label = next((label for label in _LABELS if line.startswith(label)), None)
+        if label is not None:
+            sections.append((_LABELS[label], [line.removeprefix(label).strip()]))
+        elif sections:
+            sections[-1][1].append(line)
+        else:
+            sections.append(("Q", [line]))
+    return [(field, "\n".join(text)) for field, text in sections]
+
+
+def _option_lines(lines: list[str]) -> int:
+    """Where the closing ``A. x``, ``B. y``, ... lines start; ``len(lines)`` when the turn does not end in them."""
+    start = max((i for i, line in enumerate(lines) if line.startswith("A. ")), default=len(lines))
+    tail = lines[start:]
+    in_order = len(tail) <= len(LETTERS) and all(line.startswith(f"{LETTERS[i]}. ") for i, line in enumerate(tail))
+    return start if in_order else len(lines)
+
+
+def _marker_options(text: str) -> list[str] | None:
+    """``(A) x (B) y`` -> ``["x", "y"]``. Each marker is searched in letter order after the previous one, so an
+    option's own parentheses stay text. None without ``(A)``."""
+    if not text.startswith("(A) "):
+        return None
+    options, rest = [], text.removeprefix("(A) ")
+    for letter in LETTERS[1:]:
+        option, marker, rest = rest.partition(f" ({letter}) ")
+        options.append(option)
+        if not marker:
+            return options
+    return [*options, rest]
+
+
+def _style_fields(style: str) -> list[str]:
+    """``QCLEM`` -> ``["Q", "C", "B", "M"]``: a run of L/E letters is one BECAUSE line."""
+    return ["B" if part[0] in "LE" else part for part in re.findall(r"[QCM]|[LE]+", style)]
+
+
+def parse_llava_turn(text: str, style: str) -> LLaVATurn:
+    """The options, image marker and hint of a human turn in ``style`` (the input part of LLaVA's format name:
+    QCM, CQM, QCML, ...). Raises ValueError saying what does not fit."""
+    lines = text.replace("<image>", "").strip().split("\n")
+    start = _option_lines(lines)
+    if start < len(lines):  # LLaVA's evaluation file
+        fields = [field for field, _ in _sections(lines[:start])]
+        if style != "CQM" or fields not in (["C"], ["Q"]):
+            raise ValueError(f"'A. ' option lines after fields {''.join(fields)}; LLaVA writes them only in CQM")
+        return LLaVATurn([line[3:] for line in lines[start:]], "<image>" in text, fields == ["C"])
+    sections = _sections(lines)
+    fields, expected = [field for field, _ in sections], _style_fields(style)
+    if fields not in (expected, [field for field in expected if field != "B"]):
+        raise ValueError(f"fields {''.join(fields)} (B: BECAUSE) are not in {style}'s order {''.join(expected)}")
+    values = dict(sections)
+    options = _marker_options(values["M"])
+    if options is None:
+        raise ValueError("the Options line does not start with '(A) '")
+    return LLaVATurn(options, "<image>" in text, values["C"] not in ("", "N/A"))
+
+
+def llava_answer(text: str) -> str | None:
+    """The option letter a gpt turn answers; None when it names none, or two different ones."""
+    for pattern in _GPT_ANSWERS:
+        letters = set(pattern.findall(text))
+        if letters:
+            return letters.pop() if len(letters) == 1 else None
+    return None
+
+
+def llava_groups(turn: LLaVATurn) -> list[str]:
+    """The official TXT / IMG / NO categories, which a LLaVA turn still shows (hint line, image marker)."""
+    groups = (["TXT"] if turn.has_context else []) + (["IMG"] if turn.has_image else [])
+    return [*(groups or ["NO"]), "Avg"]
+
+
+def _exchange(record: dict, path: Path) -> tuple[str, str]:
+    turns = record.get("conversations", [])
+    if len(turns) < 2 or turns[0].get("from") != "human":
+        raise DataError(f"{path}: record {record.get('id')!r} has no human/assistant exchange")
+    return turns[0]["value"], turns[1]["value"]
+
+
+def _misfit(text: str, style: str) -> str | None:
+    """Why ``text`` is not a human turn in ``style``; None when it is one."""
+    try:
+        parse_llava_turn(text, style)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def llava_style(records: list[dict], path: Path, style: str | None = None) -> str:
+    """The style all human turns of a file are in: ``style`` checked, or the first one they all fit."""
+    styles = [style] if style else list(LLAVA_STYLES)
+    for record in records:
+        human, _ = _exchange(record, path)
+        fitting = [s for s in styles if _misfit(human, s) is None]
+        if not fitting:
+            raise DataError(
+                f"{path}: record {record.get('id')!r}: not in LLaVA's {'/'.join(styles)} prompt style "
+                f"({styles[0]}: {_misfit(human, styles[0])})"
+            )
+        styles = fitting
+    return styles[0]
+
+
+def parse_llava_record(record: dict, style: str, path: Path) -> tuple[LLaVATurn, int]:
+    """A record's human turn, parsed, and the index of its gpt turn's answer among the turn's options."""
+    human, gpt = _exchange(record, path)
+    where = f"{path}: record {record.get('id')!r}"
+    try:
+        turn = parse_llava_turn(human, style)
+    except ValueError as err:
+        raise DataError(f"{where}: not in LLaVA's {style} prompt style ({err})") from None
+    letter = llava_answer(gpt)
+    if letter is None or LETTERS.index(letter) >= len(turn.options):
+        raise DataError(f"{where}: the gpt turn answers {letter!r}, not one of the {len(turn.options)} options")
+    if turn.has_image != bool(record.get("image")):
+        raise DataError(f"{where}: the <image> marker and the 'image' key disagree")
+    return turn, LETTERS.index(letter)
 
 
 class LLaVAScienceQA(Dataset):
-    """LLaVA's ScienceQA conversations (``llava_<split>_QCM-LEA.json``): the human turn is the prompt (its
-    ``<image>`` marker removed), the assistant turn the target; the image lies under ``image_root``."""
+    """LLaVA's ScienceQA conversations (``llava_<split>_<format>.json``): the human turn is the prompt (its
+    ``<image>`` marker removed), the gpt turn the training target. Every turn is parsed when the file is read
+    (``style`` given or found), so evaluation has each problem's options; images lie under ``image_root``."""
 
-    def __init__(self, path: Path, image_root: Path, mode: Literal["train", "generate"]) -> None:
-        self.records = _read_json(path)
-        self.image_root, self.mode, self.path = image_root, mode, path
-        for record in self.records:
-            turns = record.get("conversations", [])
-            if len(turns) < 2 or turns[0].get("from") != "human":
-                raise DataError(f"{path}: record {record.get('id')!r} has no human/assistant exchange")
+    def __init__(
+        self,
+        path: Path,
+        image_root: Path,
+        mode: Literal["train", "generate", "score"],
+        answer_style: AnswerStyle = "letter",
+        style: str | None = None,
+        missing_images: MissingImages = "error",
+    ) -> None:
+        records = _read_json(path)
+        if not isinstance(records, list) or not records:
+            raise DataError(f"{path}: not a list of LLaVA conversation records")
+        self.style = llava_style(records, path, style)
+        parsed = [parse_llava_record(record, self.style, path) for record in records]
+        images = {str(r["id"]): image_root / r["image"] for r in records if r.get("image")}
+        missing = find_missing_images(images, missing_images, str(path))
+        keep = [i for i, r in enumerate(records) if not (str(r["id"]) in missing and missing_images == "skip")]
+        self.records, self.parsed = [records[i] for i in keep], [parsed[i] for i in keep]
+        self.images = {pid: image for pid, image in images.items() if pid not in missing}
+        self.mode, self.answer_style = mode, answer_style
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict:
-        record = self.records[index]
-        human, assistant = record["conversations"][0]["value"], record["conversations"][1]["value"]
-        prompt = human.replace("<image>", "").strip()
-        image = load_image(self.image_root / record["image"]) if record.get("image") else None
-        sample = {"prompt": prompt, "image": image, "pid": str(record["id"])}
+        record, (turn, target) = self.records[index], self.parsed[index]
+        human, gpt = record["conversations"][0]["value"], record["conversations"][1]["value"]
+        pid = str(record["id"])
+        image = load_image(self.images[pid]) if pid in self.images else None
+        sample = {"prompt": human.replace("<image>", "").strip(), "image": image, "pid": pid}
         if self.mode == "train":
-            return {**sample, "answer": assistant}
-        letter = assistant.rsplit("The answer is ", 1)[-1][:1]
-        if letter not in LETTERS:
-            raise DataError(f"{self.path}: record {record['id']!r}: no 'The answer is X' in the assistant turn")
-        options = prompt.split("Options:", 1)[-1].count("(")
-        return {
-            **sample,
-            "answer": None,
-            "target": LETTERS.index(letter),
-            "groups": ["Avg"],
-            "choices": [LETTERS[i] for i in range(max(options, LETTERS.index(letter) + 1))],
-        }
+            return {**sample, "answer": gpt}
+        evaluation = {"target": target, "groups": llava_groups(turn), "choices": turn.options}
+        if self.mode == "score":
+            return {**sample, **evaluation, "candidates": answer_candidates(turn.options, self.answer_style)}
+        return {**sample, **evaluation, "answer": None}
+
+
+def check_settings(layout: str, prompt_format: str, evaluation: str, llava_style: str | None) -> None:
+    """Refuse setting combinations that would evaluate something else than asked, before any data is read."""
+    check_format(prompt_format)
+    if prompt_format == CLOZE and evaluation != "score":
+        raise ConfigError("prompt_format cloze lists no options to name in a generated answer: use evaluation: score")
+    if prompt_format == CLOZE and layout == "llava":
+        raise ConfigError("prompt_format cloze needs the official layout: LLaVA's files bring their own prompts")
+    if llava_style is not None and llava_style not in LLAVA_STYLES:
+        raise ConfigError(f"llava_style {llava_style!r} is none of LLaVA's styles {LLAVA_STYLES}")
 
 
 class ScienceQADataModule(MMADataModule):
@@ -179,17 +377,26 @@ class ScienceQADataModule(MMADataModule):
 
     Args:
         root: the data folder (official layout: problems.json, pid_splits.json, images/).
-        layout: ``official``, or ``llava`` for ``root/llava_<split>_QCM-LEA.json`` conversation files.
+        layout: ``official``, or ``llava`` for LLaVA's conversation files (``llava_file``).
+        llava_file: the LLaVA file of each split, relative to ``root`` or absolute; ``{split}`` becomes the
+            split's name, e.g. ``llava_{split}_CQM-A.json``.
+        llava_style: the prompt style of the LLaVA file's human turns, the input part of LLaVA's format name
+            (``QCM``, ``CQM``, ``QCML``, ...); None finds it from the turns. Every turn is checked against it.
         train_split: split used for training (any name in pid_splits.json).
         val_split: split used for validation.
         test_split: split used by ``mma test``.
-        prompt_format: the field's format name, e.g. QCM-ALE (LaVIN), QCM-A, CQM-A, QCM-LEA.
+        prompt_format: the field's format name, e.g. QCM-ALE (LaVIN), QCM-A, CQM-A, QCM-LEA; or ``cloze``
+            (``Question: ...\nAnswer:`` without the options, whose texts are scored: needs ``evaluation: score``).
+            Official layout only: a LLaVA file brings its own prompts.
         answer_style: ``letter`` (``The answer is B.``) or ``text`` (the option's text, for small models).
         use_caption: add the ``caption`` of each problem (from ``captions``) to the context.
         captions: a captions.json file ({"captions": {pid: text}}).
         missing_images: ``error`` stops naming the problem and path; ``skip`` drops such problems;
             ``text_only`` keeps them without their image.
         evaluation: ``generate`` and parse ``The answer is X``, or ``score`` each option's log-likelihood.
+        score_normalisation: how scored options compare: ``mean`` log-probability per token, per ``char`` of
+            the scored text (lm-evaluation-harness's acc_norm), or the ``sum`` (favours short options). ``mma
+            test`` also reports the overall accuracy under each (``test/Avg@sum``, ...).
         unparseable: a generated answer that names no option counts as ``wrong``, or (LaVIN) as a ``random``
             option; their count is always reported.
         batch_size: training batch size.
@@ -202,6 +409,8 @@ class ScienceQADataModule(MMADataModule):
         self,
         root: str = "data/scienceqa",
         layout: Literal["official", "llava"] = "official",
+        llava_file: str = "llava_{split}_QCM-LEA.json",
+        llava_style: str | None = None,
         train_split: str = "train",
         val_split: str = "val",
         test_split: str = "test",
@@ -211,6 +420,7 @@ class ScienceQADataModule(MMADataModule):
         captions: str | None = None,
         missing_images: MissingImages = "error",
         evaluation: EvaluationMode = "generate",
+        score_normalisation: Literal["sum", "mean", "char"] = "mean",
         unparseable: Literal["wrong", "random"] = "wrong",
         batch_size: int = 4,
         eval_batch_size: int = 8,
@@ -219,25 +429,27 @@ class ScienceQADataModule(MMADataModule):
     ) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers, seed)
         self.save_hyperparameters()
-        check_format(prompt_format)
+        check_settings(layout, prompt_format, evaluation, llava_style)
         self.root = Path(root)
         self._problems: tuple[dict, dict] | None = None
 
     def evaluation(self) -> Evaluation:
-        """The official table's columns, written as ScienceQA reports (``mma.evaluate``)."""
+        """The official table's columns (those a LLaVA file cannot fill marked), written as ScienceQA reports
+        (``mma.evaluate``)."""
         h = self.hparams
+        metadata = {"prompt_format": h.prompt_format, "evaluation": h.evaluation, "unparseable_policy": h.unparseable}
+        if h.evaluation == "score":
+            metadata["score_normalisation"] = h.score_normalisation
         return Evaluation(
             groups=OFFICIAL_COLUMNS,
             headline="Avg",
             test_names=(h.test_split,),
             unparseable=h.unparseable,
             seed=h.seed,
+            score_normalisation=h.score_normalisation,
+            unavailable=LLAVA_UNAVAILABLE if h.layout == "llava" else (),
             report="scienceqa",
-            metadata={
-                "prompt_format": h.prompt_format,
-                "evaluation": h.evaluation,
-                "unparseable_policy": h.unparseable,
-            },
+            metadata=metadata,
         )
 
     def problems(self) -> tuple[dict, dict]:
@@ -249,8 +461,9 @@ class ScienceQADataModule(MMADataModule):
     def dataset(self, split: str, mode: Literal["train", "generate", "score"]) -> Dataset:
         h = self.hparams
         if h.layout == "llava":
-            path = self.root / f"llava_{split}_QCM-LEA.json"
-            return LLaVAScienceQA(path, self.root / "images" / split, "train" if mode == "train" else "generate")
+            path = self.root / h.llava_file.format(split=split)
+            image_root = self.root / "images" / split
+            return LLaVAScienceQA(path, image_root, mode, h.answer_style, h.llava_style, h.missing_images)
         problems, splits = self.problems()
         pids = split_ids(problems, splits, split, self.root)
         return ScienceQA(

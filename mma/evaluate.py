@@ -94,6 +94,9 @@ def scienceqa_report(
         note = f"{len(records)} problems, {unparseable} unparseable answers (counted {evaluation.unparseable})"
     if evaluation.unavailable:
         note += "; n/a: LLaVA's files carry no subject or grade"
+    chance = [scores.get(f"chance/{group}", float("nan")) for group in evaluation.groups]
+    table += "\n| " + " | ".join("-" if c != c else f"{100 * c:.2f}" for c in chance) + " |"
+    note += "; second row: chance, the mean of 1 / options"
     (folder / f"results_{name}.md").write_text(f"# ScienceQA {name}\n\n{table}\n\n{note}\n")
     Console().print(Markdown(f"**ScienceQA {name}, accuracy (%)**: {note}\n\n{table}"))
 

@@ -15,8 +15,9 @@ NORMALISATIONS: tuple[Normalisation, ...] = ("sum", "mean", "char")
 class GroupedAccuracy(Metric):
     """Accuracy in each named group; a sample may belong to several groups (e.g. ``IMG`` and ``G1-6``).
 
-    ``update(correct, groups)``: correct (B,) bool, groups a list of B lists of group names. Names not declared at
-    construction are ignored, so a data set can tag more than a table shows.
+    ``update(correct, groups)``: correct (B,) bool (or float in [0, 1]: an expected accuracy such as chance),
+    groups a list of B lists of group names. Names not declared at construction are ignored, so a data set can tag
+    more than a table shows.
     """
 
     full_state_update = False
@@ -25,19 +26,19 @@ class GroupedAccuracy(Metric):
         super().__init__()
         self.groups = list(groups)
         self._index = {name: i for i, name in enumerate(self.groups)}
-        self.add_state("correct", torch.zeros(len(self.groups), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("correct", torch.zeros(len(self.groups), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("total", torch.zeros(len(self.groups), dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, correct: torch.Tensor, groups: Sequence[Sequence[str]]) -> None:
         for is_correct, names in zip(correct.tolist(), groups, strict=True):
             for name in names:
                 if name in self._index:
-                    self.correct[self._index[name]] += int(is_correct)
+                    self.correct[self._index[name]] += float(is_correct)
                     self.total[self._index[name]] += 1
 
     def compute(self) -> dict[str, torch.Tensor]:
         """Group name -> accuracy in [0, 1]; NaN for a group with no samples."""
-        accuracy = self.correct.float() / self.total.float()
+        accuracy = (self.correct / self.total).float()
         return {name: accuracy[i] for i, name in enumerate(self.groups)}
 
 
@@ -78,3 +79,13 @@ def choices_by_normalisation(
         name: choose_options(option_scores(logprobs, rows, num_rows, name, option_chars), sample_index)
         for name in NORMALISATIONS
     }
+
+
+def chance_of(batch: dict) -> torch.Tensor:
+    """Each sample's chance of being right by guessing, ``1 / options``: (S,) float, from its ``choices`` or, when
+    options are scored, from how many candidate rows it has."""
+    if "choices" in batch:
+        counts = torch.tensor([len(choices) for choices in batch["choices"]])
+    else:
+        counts = torch.bincount(batch["sample_index"].cpu())
+    return 1.0 / counts.double()

@@ -25,7 +25,7 @@ from mma.data.base import Evaluation, MMADataModule
 from mma.data.collate import VLMCollator
 from mma.errors import ConfigError, DataError, TrainingDiverged
 from mma.evaluate import REPORTS, parse_answer, resolve_unparseable
-from mma.metrics import NORMALISATIONS, GroupedAccuracy, choices_by_normalisation
+from mma.metrics import NORMALISATIONS, GroupedAccuracy, chance_of, choices_by_normalisation
 from mma.model import VisionLanguageModel
 from mma.optim import OptimizerConfig, make_optimizer, warmup_cosine
 
@@ -119,6 +119,7 @@ class MMAModule(L.LightningModule):
         self.val_accuracy = GroupedAccuracy(groups)
         names = self.evaluation.test_names
         self.test_accuracy = torch.nn.ModuleList(GroupedAccuracy(groups) for _ in names)
+        self.test_chance = torch.nn.ModuleList(GroupedAccuracy(groups) for _ in names)  # mean of 1 / options
         # Overall accuracy under every option-score normalisation ("Avg@sum", ...), from the same forward pass.
         by_normalisation = [f"{self.evaluation.headline}@{name}" for name in NORMALISATIONS]
         self.test_by_normalisation = torch.nn.ModuleList(GroupedAccuracy(by_normalisation) for _ in names)
@@ -212,6 +213,7 @@ class MMAModule(L.LightningModule):
         chosen, texts, by_normalisation = self._choose(batch)
         target = torch.tensor(batch["target"])
         self.test_accuracy[dataloader_idx].update(chosen == target, batch["groups"])
+        self.test_chance[dataloader_idx].update(chance_of(batch), batch["groups"])
         for name, choice in by_normalisation.items():
             group = [f"{self.evaluation.headline}@{name}"]
             self.test_by_normalisation[dataloader_idx].update(choice == target, [group] * len(choice))
@@ -225,16 +227,18 @@ class MMAModule(L.LightningModule):
         evaluation = self.evaluation
         report = REPORTS[evaluation.report] if evaluation.report else None
         folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-        metrics = zip(evaluation.test_names, self.test_accuracy, self.test_by_normalisation, self._records, strict=True)
-        for name, metric, normalised, records in metrics:
+        per_test = (self.test_accuracy, self.test_chance, self.test_by_normalisation, self._records)
+        metrics = zip(evaluation.test_names, *per_test, strict=True)
+        for name, metric, chance, normalised, records in metrics:
             scores = {k: float(v) for k, v in metric.compute().items()}
+            scores |= {f"chance/{k}": float(v) for k, v in chance.compute().items()}
             if normalised.update_called:  # options were scored
                 scores |= {k: float(v) for k, v in normalised.compute().items()}
             self.log_dict({f"{name}/{k}": v for k, v in scores.items()}, add_dataloader_idx=False)
             if report is not None and self.trainer.is_global_zero:
                 report(name, records, scores, self._unparseable, evaluation, folder)
-            metric.reset()
-            normalised.reset()
+            for each in (metric, chance, normalised):
+                each.reset()
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         """Greedy answers, one dict per sample with the generated text and the sample's own fields."""

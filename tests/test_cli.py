@@ -114,3 +114,13 @@ def test_progress_bar_can_be_turned_off():
 def test_missing_preset_is_named():
     result = _mma("params", "--config", "recipes/demo.yaml", "--model.model.adapter", "adapters/nope.yaml")
     assert result.returncode != 0 and "adapters/nope.yaml" in result.stderr
+
+
+def test_demo_prints_every_group_before_after_blind_and_chance():
+    result = _mma("demo", "--config", "tests/sweep_fixtures/tiny.yaml", "--trainer.enable_progress_bar=false")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "before tuning" in out and "blind control" in out and "chance" in out
+    for group in ("colour", "shape", "count", "position", "image", "text", "all"):
+        assert f"│ {group} " in out
+    assert "optimizer steps: 3" in out

@@ -1,7 +1,8 @@
-"""``mma demo``: evaluate, fine-tune and re-evaluate a recipe on the built-in task, then print what changed.
+"""``mma demo``: evaluate, fine-tune and re-evaluate a recipe, then print what changed.
 
-The table shows accuracy per question type before and after tuning, and after tuning with every picture blanked
-(the blind control: what the model gets right without looking).
+The table shows accuracy per question group before and after tuning, after tuning with every picture blanked
+(the blind control: what the model gets right without looking, where the data has one) and chance (the mean of
+1 / options).
 """
 
 import argparse
@@ -11,18 +12,15 @@ from rich.console import Console
 from rich.table import Table
 
 from mma.parameters import count_parameters
+from mma.recipe import config_cli
 
-ROWS = ("colour", "shape", "count", "position", "image", "text", "all")
 
-
-def _accuracy(metrics: dict, prefix: str, row: str) -> str:
-    value = metrics.get(f"{prefix}/{row}")
+def _accuracy(metrics: dict, key: str) -> str:
+    value = metrics.get(key)
     return "-" if value is None or value != value else f"{100 * float(value):.1f}"
 
 
 def demo_command(argv: list[str]) -> None:
-    from mma.recipe import config_cli
-
     parser = argparse.ArgumentParser(prog="mma demo", description=__doc__)
     parser.add_argument("--config", default="recipes/demo.yaml", help="recipe YAML (default: %(default)s)")
     args, overrides = parser.parse_known_args(argv)
@@ -37,21 +35,22 @@ def demo_command(argv: list[str]) -> None:
     after = trainer.test(module, datamodule=data, verbose=False)
     before, after = ({k: v for d in results for k, v in d.items()} for results in (before, after))
 
-    table = Table(
-        title=f"mma demo: {type(module.model_config.adapter).name} on the built-in visual QA task (accuracy, %)"
-    )
-    for column in ("questions", "before tuning", "after tuning", "blind control (blank images)"):
+    evaluation = data.evaluation()
+    test, blind = evaluation.test_names[0], "blind" if "blind" in evaluation.test_names else None
+    method = type(module.model_config.adapter).name
+    table = Table(title=f"mma demo: {method} on {type(data).__name__} (accuracy, %)")
+    columns = ["questions", "before tuning", "after tuning", "blind control (blank images)", "chance"]
+    for column in columns if blind else [c for c in columns if not c.startswith("blind")]:
         table.add_column(column, justify="left" if column == "questions" else "right")
-    for row in ROWS:
-        table.add_row(
-            row, _accuracy(before, "test", row), _accuracy(after, "test", row), _accuracy(after, "blind", row)
-        )
-    trainable = sum(t for t, _ in count_parameters(module.model).values())
-    total = sum(n for _, n in count_parameters(module.model).values())
+    for group in evaluation.groups:
+        cells = [_accuracy(before, f"{test}/{group}"), _accuracy(after, f"{test}/{group}")]
+        cells += [_accuracy(after, f"{blind}/{group}")] if blind else []
+        table.add_row(group, *cells, _accuracy(after, f"{test}/chance/{group}"))
+    counts = count_parameters(module.model).values()
+    trainable, total = sum(t for t, _ in counts), sum(n for _, n in counts)
     console = Console()
     console.print(table)
     console.print(
-        f"chance: 33.3%   trainable parameters: {trainable:,} of {total:,}   "
-        f"optimizer steps: {trainer.global_step}   training: {fit_seconds:.0f} s   "
-        f"wall time: {time.perf_counter() - start:.0f} s"
+        f"trainable parameters: {trainable:,} of {total:,}   optimizer steps: {trainer.global_step}   "
+        f"training: {fit_seconds:.0f} s   wall time: {time.perf_counter() - start:.0f} s"
     )

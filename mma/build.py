@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from mma.adapters import AdapterSettings, LaVIN, method_of, set_trainable_params, settings_from_spec, settings_spec
-from mma.backbones import LLMSpec, ViTSpec, load_llm, load_vit
+from mma.backbones import LLMSpec, ViTSpec, load_llm, load_vit, vision_tower
 from mma.errors import ConfigError
 from mma.model import VisionLanguageModel, VisualConfig
 
@@ -16,7 +16,7 @@ class ModelConfig:
 
     Args:
         llm: the frozen language model.
-        vit: the frozen image encoder.
+        vit: the frozen vision backbone (timm ViT or Hugging Face CLIP / DINOv2 / SigLIP).
         visual: visual tokens and projector.
         adapter: the adapter method and its settings: a settings class by name (``LaVIN``, ``LlamaAdapterV2``,
             ``LoRA``, ``NoAdapter``) with ``init_args``, or a preset file (``adapters/lavin.yaml``).
@@ -57,9 +57,9 @@ def build_model(config: ModelConfig, device: str | torch.device = "cpu") -> Visi
     """
     method = method_of(config.adapter)
     llm, tokenizer = load_llm(config.llm, device)
-    vit = load_vit(config.vit, device)
+    tower = vision_tower(load_vit(config.vit, device), config.vit.image_size)
     layout, source = config.adapter.layout(), config.adapter.projector_source()
-    model = VisionLanguageModel(llm, tokenizer, vit, config.visual, layout, source)
+    model = VisionLanguageModel(llm, tokenizer, tower, config.visual, layout, source)
     method.attach(model, config.adapter)
     set_trainable_params(model)
     return model.train(False)

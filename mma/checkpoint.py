@@ -65,7 +65,7 @@ def prompt_format(model: VisionLanguageModel, max_length: int) -> dict:
         "modality_token": model.layout.modality_token,
         "visual_tokens": model.num_visual_tokens,
         "visual_tokens_in_sequence": model.layout.visual_in_sequence,  # False: early fusion into the adapter layers
-        "image_size": list(model.vit.patch_embed.img_size),
+        "image_size": list(model.tower.image_size),
         "max_length": max_length,
     }
 

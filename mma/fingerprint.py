@@ -72,7 +72,9 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> dict:
 
 def backbone_identity(model: VisionLanguageModel, config: ModelConfig) -> dict:
     """Names as given, architectures and fingerprints of the LLM, the ViT and the tokenizer."""
-    vit = model.vit
+    vit_architecture = model.tower.architecture()
+    if config.vit.path is None:
+        vit_architecture = {"timm_name": config.vit.name, **vit_architecture}
     return {
         "llm": {
             "name": describe_llm(config.llm),
@@ -81,16 +83,8 @@ def backbone_identity(model: VisionLanguageModel, config: ModelConfig) -> dict:
         },
         "vit": {
             "name": describe_vit(config.vit),
-            "architecture": {
-                "timm_name": config.vit.name,
-                "img_size": list(vit.patch_embed.img_size),
-                "patch_size": list(vit.patch_embed.patch_size),
-                "embed_dim": vit.embed_dim,
-                "depth": len(vit.blocks),
-                "num_heads": vit.blocks[0].attn.num_heads,
-                "num_prefix_tokens": vit.num_prefix_tokens,
-            },
-            "fingerprint": parameters_fingerprint(vit),
+            "architecture": vit_architecture,
+            "fingerprint": parameters_fingerprint(model.vit),
         },
         "tokenizer": {"name": describe_llm(config.llm), "fingerprint": tokenizer_fingerprint(model.tokenizer)},
     }
@@ -103,6 +97,8 @@ def describe_llm(spec: LLMSpec) -> str:
 
 
 def describe_vit(spec: ViTSpec) -> str:
+    if spec.path is not None:
+        return f"{spec.path} ({spec.image_size or 'native'} px, {spec.dtype})"
     weights = f"weights {spec.weights}" if spec.weights else f"random weights, seed {spec.seed}"
     return f"{spec.name} ({weights}, {spec.dtype})"
 
@@ -138,7 +134,7 @@ def _current_names(model: VisionLanguageModel, config: ModelConfig | None) -> di
     if config is not None:
         return {"llm": describe_llm(config.llm), "vit": describe_vit(config.vit), "tokenizer": describe_llm(config.llm)}
     llm = model.llm.name_or_path or type(model.llm).__name__
-    return {"llm": llm, "vit": model.vit.pretrained_cfg.get("architecture", "ViT"), "tokenizer": llm}
+    return {"llm": llm, "vit": model.tower.name, "tokenizer": llm}
 
 
 def _short(fingerprint: dict) -> str:

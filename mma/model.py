@@ -20,11 +20,11 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from timm.models import VisionTransformer
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from mma.adapters.base import HAS_IMAGE, VISUAL_TOKENS, generation_caches, set_train_mode
+from mma.backbones.vision import VisionTower
 from mma.errors import ConfigError
 from mma.layout import IGNORE_INDEX, SequenceLayout
 
@@ -34,14 +34,18 @@ class VisualConfig:
     """How images become LLM tokens.
 
     Args:
-        tokens: ``cls`` takes the class token after every ``every``-th ViT block (LaVIN: 6 tokens from ViT-L/14);
-            ``patches`` takes every patch token of the last block.
+        tokens: ``cls`` takes the class token after every ``every``-th ViT block, with no final norm (LaVIN: 6 tokens
+            from ViT-L/14); ``patches`` takes every patch token of block ``layer``.
         every: block stride for ``cls``.
+        layer: the block whose patch tokens ``patches`` takes, indexed as a Python list: -1 the last, as the
+            backbone's own output features (with its final norm where it applies one); -2 the penultimate, without
+            a norm (LLaVA's choice for CLIP).
         projector_hidden: hidden width of the ``Linear -> SiLU -> Linear`` projector (LaVIN: 128).
     """
 
     tokens: Literal["cls", "patches"] = "cls"
     every: int = 4
+    layer: int = -1
     projector_hidden: int = 128
 
 
@@ -78,33 +82,43 @@ class ModalityEmbedding(nn.Embedding):
 
 
 class VisionLanguageModel(nn.Module):
-    """Frozen backbones plus the trainable glue; adapters attach to ``llm`` and ``vit`` in place."""
+    """Frozen backbones plus the trainable glue; adapters attach to ``llm`` and ``vit`` in place.
+
+    ``vit`` is the vision backbone module itself (timm or Hugging Face, unwrapped); ``tower`` is the accessor
+    everything else reads it through (``mma.backbones.vision``).
+    """
 
     def __init__(
         self,
         llm: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
-        vit: VisionTransformer,
+        tower: VisionTower,
         visual: VisualConfig,
         layout: SequenceLayout | None = None,
         projector_source: str | None = None,
     ) -> None:
         super().__init__()
         self.llm = llm
-        self.vit = vit
+        self.vit = tower.module
+        self.tower = tower
         self.tokenizer = tokenizer
         self.visual = visual
         self.layout = layout or SequenceLayout()
         dim = llm.config.hidden_size
-        self.projector = Projector(vit.embed_dim, visual.projector_hidden, dim, projector_source).to(llm.device)
+        self.projector = Projector(tower.width, visual.projector_hidden, dim, projector_source).to(llm.device)
         self.modality_embedding = ModalityEmbedding(dim).to(llm.device) if self.layout.modality_token else None
         self._check_visual_config()
 
     def _check_visual_config(self) -> None:
-        if self.visual.tokens == "cls" and self.vit.cls_token is None:
-            raise ConfigError("visual.tokens=cls needs a ViT with a class token")
-        if self.visual.tokens == "cls" and not 1 <= self.visual.every <= len(self.vit.blocks):
-            raise ConfigError(f"visual.every={self.visual.every} must be in 1..{len(self.vit.blocks)} (ViT depth)")
+        visual, depth = self.visual, len(self.tower.blocks)
+        if visual.tokens == "cls" and not self.tower.has_class_token:
+            raise ConfigError(f"visual.tokens=cls needs a ViT with a class token ({self.tower.name} has none)")
+        if visual.tokens == "cls" and not 1 <= visual.every <= depth:
+            raise ConfigError(f"visual.every={visual.every} must be in 1..{depth} (ViT depth)")
+        if visual.tokens == "cls" and visual.layer != -1:
+            raise ConfigError(f"visual.layer={visual.layer} chooses the block of tokens=patches; cls uses every")
+        if not -depth <= visual.layer < depth:
+            raise ConfigError(f"visual.layer={visual.layer} must be in {-depth}..{depth - 1} (ViT depth {depth})")
 
     @property
     def sequence_visual_tokens(self) -> int:
@@ -114,8 +128,8 @@ class VisionLanguageModel(nn.Module):
     @property
     def num_visual_tokens(self) -> int:
         if self.visual.tokens == "cls":
-            return len(self.vit.blocks) // self.visual.every
-        return self.vit.patch_embed.num_patches
+            return len(self.tower.blocks) // self.visual.every
+        return self.tower.num_patches()
 
     def train(self, mode: bool = True) -> "VisionLanguageModel":
         set_train_mode(self, mode)
@@ -123,20 +137,8 @@ class VisionLanguageModel(nn.Module):
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(images, 3, H, W) -> (images, num_visual_tokens, llm_dim)."""
-        if self.visual.tokens == "cls":
-            every = self.visual.every
-            indices = list(range(every - 1, len(self.vit.blocks), every))
-            outputs = self.vit.forward_intermediates(
-                pixel_values,
-                indices=indices,
-                return_prefix_tokens=True,
-                output_fmt="NLC",
-                intermediates_only=True,
-                stop_early=True,
-            )
-            features = torch.stack([prefix[:, 0] for _, prefix in outputs], dim=1)  # (N, n_vis, vit_dim)
-        else:
-            features = self.vit.forward_features(pixel_values)[:, self.vit.num_prefix_tokens :]  # (N, P, vit_dim)
+        visual = self.visual
+        features = self.tower.features(pixel_values, visual.tokens, visual.every, visual.layer)  # (N, n_vis, width)
         return self.projector(features)
 
     def embed(

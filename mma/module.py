@@ -8,8 +8,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.strategies import DDPStrategy
-from timm.data import create_transform, resolve_data_config
-from timm.models.vision_transformer import Block
+from timm.data import create_transform
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     _CHECKPOINT_PREFIX,
     CheckpointImpl,
@@ -84,16 +83,15 @@ class MMAModule(L.LightningModule):
             load_adapter(self.model, source.path, self.model_config, source.ignore_fingerprint)
         if self.hparams.activation_checkpointing:
             wrapper = partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+            blocks = LlamaDecoderLayer | self.model.tower.block_class
             apply_activation_checkpointing(
-                self.model, checkpoint_wrapper_fn=wrapper, check_fn=lambda m: isinstance(m, LlamaDecoderLayer | Block)
+                self.model, checkpoint_wrapper_fn=wrapper, check_fn=lambda m: isinstance(m, blocks)
             )
 
     def image_data_config(self) -> dict:
         """The ViT's own preprocessing (size, interpolation, mean/std) with the recipe's overrides on top."""
         self.configure_model()
-        vit = self.model.vit
-        overrides = {"input_size": (3, *vit.patch_embed.img_size), **self.hparams.image_transform}
-        return resolve_data_config(overrides, model=vit)
+        return self.model.tower.data_config(self.hparams.image_transform)
 
     def make_collator(self) -> VLMCollator:
         """The collator of this model: its tokenizer, sequence layout, visual token count and image transform."""

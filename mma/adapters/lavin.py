@@ -3,7 +3,7 @@
 Per block a linear adapter with a shared down-projection and two grouped, zero-initialised up-projections mixed by
 a softmax router. It sits on the output of the pre-attention norm of every LLM and ViT block. LLM routers read the
 normed hidden state of the modality token at position 0, so each sample is routed by its modality; ViT routers
-read each image's own class token.
+read each image's own class token, or, in a ViT without one (SigLIP), the mean of its tokens.
 
 The adapter is linear, so for a fixed modality it folds into the next linear layers (``fold_lavin``): with ``n``
 the normed input, ``h = A n + a`` and the routed up-projection ``[M; c]``::
@@ -17,7 +17,7 @@ LLaMA's projections have no bias, so the merged config sets ``attention_bias=Tru
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -75,12 +75,14 @@ class RouterAdapter(nn.Module):
     """``x + s * (w0 * B(h) + w1 * D(h))``, ``h = dropout(A(x))``, ``w = softmax(R(x[:, 0]) / t)``.
 
     Identity at init (B and D are zero). Shapes: x (batch, tokens, dim) -> same. The routing weights come from
-    token 0 of each sample; during generation (a ``GenerationCache``) the first call's weights are kept for the
-    calls that follow (decoding feeds one new token at a time, so token 0 is only seen at prefill).
+    token 0 of each sample (``route_from="mean"``: the mean token, for ViTs without a class token); during
+    generation (a ``GenerationCache``) the first call's weights are kept for the calls that follow (decoding feeds
+    one new token at a time, so token 0 is only seen at prefill).
     """
 
-    def __init__(self, dim: int, config: LaVIN) -> None:
+    def __init__(self, dim: int, config: LaVIN, route_from: Literal["first", "mean"] = "first") -> None:
         super().__init__()
+        self.route_from = route_from
         self.down = nn.Linear(dim, config.hidden)
         self.dropout = nn.Dropout(config.dropout)
         n_experts = 2 if config.router else 1
@@ -109,10 +111,11 @@ class RouterAdapter(nn.Module):
         self._caching, self._cached_up = False, None
 
     def routing_weights(self, x: torch.Tensor) -> torch.Tensor:
-        """(batch, tokens, dim) -> (batch, experts), from each sample's token 0."""
+        """(batch, tokens, dim) -> (batch, experts), from each sample's token 0 (or mean token)."""
         if self.router is None:
             return x.new_ones(x.shape[0], 1)
-        logits = F.linear(x[:, 0], self.router.weight.to(x.dtype), self.router.bias.to(x.dtype))
+        token = x[:, 0] if self.route_from == "first" else x.mean(dim=1)  # (batch, dim)
+        logits = F.linear(token, self.router.weight.to(x.dtype), self.router.bias.to(x.dtype))
         return torch.softmax(logits.float() / self.temperature, dim=-1).to(x.dtype)
 
     def sample_up_projection(self, x: torch.Tensor) -> torch.Tensor:
@@ -144,7 +147,8 @@ class RouterAdapter(nn.Module):
 @register_adapter(LaVIN)
 def attach_lavin(model: VisionLanguageModel, config: LaVIN) -> None:
     """Wrap the pre-attention norm of every LLM decoder layer and every ViT block with a ``RouterAdapter``."""
-    for width in (model.llm.config.hidden_size, model.vit.embed_dim):
+    tower = model.tower
+    for width in (model.llm.config.hidden_size, tower.width):
         if width % config.groups:
             raise ConfigError(f"adapter 'lavin': groups={config.groups} does not divide the backbone width {width}")
     if config.llm:
@@ -152,8 +156,10 @@ def attach_lavin(model: VisionLanguageModel, config: LaVIN) -> None:
         for layer in model.llm.model.layers:
             layer.input_layernorm = AdaptedNorm(layer.input_layernorm, _on_device(RouterAdapter(dim, config), layer))
     if config.vit:
-        for block in model.vit.blocks:
-            block.norm1 = AdaptedNorm(block.norm1, _on_device(RouterAdapter(model.vit.embed_dim, config), block))
+        norm, route_from = tower.pre_attention_norm_name, "first" if tower.has_class_token else "mean"
+        for block in tower.blocks:
+            adapter = _on_device(RouterAdapter(tower.width, config, route_from), block)
+            setattr(block, norm, AdaptedNorm(getattr(block, norm), adapter))
 
 
 def _on_device(adapter: nn.Module, host: nn.Module) -> nn.Module:

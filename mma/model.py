@@ -190,14 +190,17 @@ class VisionLanguageModel(nn.Module):
             counted[:, 0] = False
         return (counted.long().cumsum(-1) - 1).clamp(min=0)
 
-    def hidden_states(self, batch: dict) -> torch.Tensor:
-        """Last-layer hidden states (B, T, d) of the full sequences in ``batch``."""
+    def hidden_states(
+        self, batch: dict, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Last-layer hidden states (B, T, d) of the full sequences in ``batch``; the (B, 1, T, T) mask and (B, T)
+        positions default to ``attention_mask`` and ``position_ids`` of the batch's valid tokens."""
         valid = batch["attention_mask"].bool()
         embeddings, layer_inputs = self.embed(batch["input_ids"], batch.get("pixel_values"), batch["has_image"])
         out = self.llm.get_decoder()(
             inputs_embeds=embeddings,
-            attention_mask=self.attention_mask(valid),
-            position_ids=self.position_ids(valid),
+            attention_mask=self.attention_mask(valid) if attention_mask is None else attention_mask,
+            position_ids=self.position_ids(valid) if position_ids is None else position_ids,
             use_cache=False,
             **layer_inputs,
         )
@@ -226,6 +229,30 @@ class VisionLanguageModel(nn.Module):
         """Summed log-probability of each row's labelled tokens: (B,). Used to score answer options."""
         logprobs, rows = self.token_logprobs(batch)
         return torch.zeros(batch["labels"].shape[0], device=logprobs.device).index_add(0, rows, logprobs)
+
+    def option_logprobs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probability of every candidate token of a scoring batch and the (sample, option) row it belongs to:
+        (N,), (N,), rows numbered as ``batch["sample_index"]`` numbers them.
+
+        A scoring row (``mma.data.collate``) holds a prompt, then each candidate as a segment. A candidate attends
+        to the prompt and to itself only, its positions continue from the prompt's end and its first token is
+        predicted from the prompt's last position: each scores as in a sequence of its own, while the prompt, its
+        picture and the modality token that LaVIN's routers read go through the model once for all candidates.
+        """
+        valid, segments = batch["attention_mask"].bool(), batch["segment_ids"]  # (S, T) each
+        starts, predictors = candidate_starts(segments)
+        keys, queries = segments[:, None, None, :], segments[:, None, :, None]
+        mask = self.attention_mask(valid) & ((keys == 0) | (keys == queries))  # (S, 1, T, T)
+        index = torch.arange(segments.shape[1], device=segments.device)
+        positions = self.position_ids(valid & (segments == 0)) + torch.where(segments > 0, index - starts + 1, 0)
+        hidden = self.hidden_states(batch, mask, positions)  # (S, T, d)
+        selected = batch["labels"] != IGNORE_INDEX  # (S, T): the candidates' tokens
+        sample = torch.arange(segments.shape[0], device=segments.device)[:, None].expand_as(segments)[selected]
+        logits = self.llm.get_output_embeddings()(hidden[sample, predictors[selected]]).float()  # (N, vocab)
+        logprobs = -F.cross_entropy(logits, batch["labels"][selected], reduction="none")
+        options = torch.bincount(batch["sample_index"].to(sample.device), minlength=segments.shape[0])  # (S,)
+        first_row = options.cumsum(0) - options  # (S,) row of each sample's first option
+        return logprobs, first_row[sample] + segments[selected] - 1
 
     @torch.no_grad()
     def generate(
@@ -266,3 +293,15 @@ class VisionLanguageModel(nn.Module):
                 step_input, query_length = (token_embedding, 1) if use_cache else (embeddings, None)
         tokens = torch.stack(new_tokens, dim=1).tolist()
         return [row[: row.index(eos)] if stop_at_eos and eos in row else row for row in tokens]
+
+
+def candidate_starts(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a scoring layout's segment ids (S, T) (0: prompt and left padding, k: candidate k, candidates
+    contiguous after the prompt): the index where each position's segment starts, and the position whose hidden
+    state predicts each position's token (the previous one; the prompt's last one for a candidate's first token).
+    Both (S, T), meaningful on candidate positions."""
+    index = torch.arange(segments.shape[1], device=segments.device)  # (T,)
+    starts_here = segments != F.pad(segments, (1, 0))[:, :-1]  # (S, T): a candidate's first token
+    starts = torch.where(starts_here, index, 0).cummax(dim=1).values
+    prompt_last = (segments == 0).sum(dim=1, keepdim=True) - 1  # (S, 1)
+    return starts, torch.where(starts_here, prompt_last, index - 1)

@@ -4,6 +4,15 @@ A sample is a dict with ``prompt`` (str), ``image`` (PIL image, (3, H, W) tensor
 (str or None, for training and generation) or ``candidates`` (list of answer strings, for option scoring; their
 lengths in characters go along as ``option_chars`` for per-character normalisation).
 Other keys (``category``, ``target``, ids) are passed through as lists.
+
+Samples with ``candidates`` get the scoring layout: one row per sample holding its prompt once and then every
+candidate's tokens, each candidate a segment of its own (``segment_ids``: 0 for the prompt and padding, k for the
+k-th candidate), so the prompt (and the picture) is encoded once, not once per option::
+
+    [modality] [pad ...] [BOS] "Image: " [visual tokens] "\\n" prompt | " " option 1 [EOS] | " " option 2 [EOS] | ...
+
+``VisionLanguageModel.option_logprobs`` lets each candidate attend to the prompt and to itself only and restarts
+its positions where the prompt ends, which gives the scores of one full sequence per candidate.
 """
 
 from collections.abc import Callable
@@ -48,35 +57,33 @@ class VLMCollator:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
     def __call__(self, samples: list[dict]) -> dict:
-        rows = [row for sample in samples for row in self._expand(sample)]
-        batch = self._pad([self._sequence(sample, answer) for sample, answer in rows])
-        # One transform per picture, shared by every option row of its sample.
-        pixels = {id(s): self._pixels(s["image"]) for s in samples if s["image"] is not None}
-        images = [pixels[id(sample)] for sample, _ in rows if sample["image"] is not None]
+        scoring = "candidates" in samples[0]
+        if scoring:
+            batch = self._scoring_rows(samples)
+        else:
+            batch = self._pad([self._sequence(sample, sample.get("answer")) for sample in samples])
+        # One row per sample, options included, so each picture is transformed and encoded once.
+        images = [self._pixels(s["image"]) for s in samples if s["image"] is not None]
         batch["pixel_values"] = torch.stack(images) if images else None
-        batch["has_image"] = torch.tensor([sample["image"] is not None for sample, _ in rows])
-        if "candidates" in samples[0]:
+        batch["has_image"] = torch.tensor([s["image"] is not None for s in samples])
+        if scoring:
             batch["sample_index"] = torch.tensor([i for i, s in enumerate(samples) for _ in s["candidates"]])
             batch["option_chars"] = torch.tensor([len(c) for s in samples for c in s["candidates"]])
         for key in samples[0].keys() - set(_TENSOR_KEYS):
             batch[key] = [sample[key] for sample in samples]
         return batch
 
-    @staticmethod
-    def _expand(sample: dict) -> list[tuple[dict, str | None]]:
-        if "candidates" in sample:
-            return [(sample, candidate) for candidate in sample["candidates"]]
-        return [(sample, sample.get("answer"))]
+    def _prompt(self, sample: dict) -> list[int]:
+        prefix = self._image_prefix if sample["image"] is not None else self._text_prefix
+        return prefix + self._encode(self.layout.prompt_separator + sample["prompt"])
+
+    def _target(self, answer: str) -> list[int]:
+        return self._encode(self.layout.answer_separator + answer) + [self.tokenizer.eos_token_id]
 
     def _sequence(self, sample: dict, answer: str | None) -> tuple[list[int], list[int]]:
-        prefix = self._image_prefix if sample["image"] is not None else self._text_prefix
-        prompt = prefix + self._encode(self.layout.prompt_separator + sample["prompt"])
-        target = (
-            self._encode(self.layout.answer_separator + answer) + [self.tokenizer.eos_token_id]
-            if answer is not None
-            else []
-        )
-        ids = (prompt + target)[: self.max_length - int(self.modality_token)]
+        prompt = self._prompt(sample)
+        target = self._target(answer) if answer is not None else []
+        ids = (prompt + target)[: self._room]
         labels = ([IGNORE_INDEX] * len(prompt) + target)[: len(ids)]
         if answer is not None and all(label == IGNORE_INDEX for label in labels):
             raise DataError(
@@ -84,8 +91,33 @@ class VLMCollator:
             )
         return ids, labels
 
-    def _pad(self, sequences: list[tuple[list[int], list[int]]]) -> dict:
-        """Left-pad, keeping the modality slot at index 0 of every row."""
+    @property
+    def _room(self) -> int:
+        """Tokens a sequence may have besides the modality slot."""
+        return self.max_length - int(self.modality_token)
+
+    def _scoring_rows(self, samples: list[dict]) -> dict:
+        """The scoring layout: per sample its prompt, then each candidate as segment k = 1, 2, ...; labels mark the
+        candidates' tokens. ``max_length`` bounds prompt + one candidate, as it bounds each sequence in training."""
+        rows, segments = [], []
+        for sample in samples:
+            ids = self._prompt(sample)
+            room = max(0, self._room - len(ids))
+            if not room:
+                raise DataError(
+                    f"prompt of {len(ids)} tokens leaves no room for the answer: raise max_length ({self.max_length})"
+                )
+            labels, row_segments = [IGNORE_INDEX] * len(ids), [0] * len(ids)
+            for k, candidate in enumerate(sample["candidates"], start=1):
+                target = self._target(candidate)[:room]
+                ids, labels, row_segments = ids + target, labels + target, row_segments + [k] * len(target)
+            rows.append((ids, labels))
+            segments.append(row_segments)
+        return self._pad(rows, segments)
+
+    def _pad(self, sequences: list[tuple[list[int], list[int]]], segments: list[list[int]] | None = None) -> dict:
+        """Left-pad, keeping the modality slot at index 0 of every row; ``segments`` (scoring layout) become
+        ``segment_ids``, 0 on the slot and the padding."""
         head = [self.layout.modality_slot] if self.modality_token else []
         width = max(len(ids) for ids, _ in sequences)
         input_ids, labels, mask = [], [], []
@@ -94,11 +126,14 @@ class VLMCollator:
             input_ids.append(head + [self.tokenizer.pad_token_id] * pad + ids)
             labels.append([IGNORE_INDEX] * (len(head) + pad) + row_labels)
             mask.append([1] * len(head) + [0] * pad + [1] * len(ids))
-        return {
+        batch = {
             "input_ids": torch.tensor(input_ids),
             "labels": torch.tensor(labels),
             "attention_mask": torch.tensor(mask),
         }
+        if segments is not None:
+            batch["segment_ids"] = torch.tensor([[0] * (len(head) + width - len(row)) + row for row in segments])
+        return batch
 
     def _pixels(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
         return image if isinstance(image, torch.Tensor) else self.transform(image.convert("RGB"))

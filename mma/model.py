@@ -210,15 +210,30 @@ class VisionLanguageModel(nn.Module):
         """Log-probability of every labelled token and the sample each belongs to: (N,), (N,).
 
         The LM head runs only on positions that predict a label: on a 135M model with a 49k vocabulary the head
-        over every position costs about as much as the rest of the forward pass.
+        over every position costs about as much as the rest of the forward pass. A packed batch (``sample_ids``)
+        holds several samples per row, each on its own (``packed_attention``); samples are then numbered as the
+        collator received them, not by row.
         """
-        hidden = self.hidden_states(batch)[:, :-1]  # (B, T-1, d) predicts tokens 1..T-1
+        hidden = self.hidden_states(batch, *self.packed_attention(batch))[:, :-1]  # (B, T-1, d): tokens 1..T-1
         targets = batch["labels"][:, 1:]
         selected = targets != IGNORE_INDEX
         logits = self.llm.get_output_embeddings()(hidden[selected]).float()  # (N, vocab)
         logprobs = -F.cross_entropy(logits, targets[selected], reduction="none")
+        if "sample_ids" in batch:
+            return logprobs, batch["sample_ids"][:, 1:][selected] - 1
         rows = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)
         return logprobs, rows[selected]
+
+    def packed_attention(self, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The block-diagonal (B, 1, T, T) mask and the (B, T) positions of a packed batch: each sample attends
+        to itself only and counts positions from 0, as in a row of its own. (None, None) for other batches."""
+        if "sample_ids" not in batch:
+            return None, None
+        valid, samples = batch["attention_mask"].bool(), batch["sample_ids"]  # (B, T) each; samples 0: no sample
+        mask = self.attention_mask(valid) & (samples[:, None, :, None] == samples[:, None, None, :])
+        _, starts = segment_starts(samples)
+        index = torch.arange(samples.shape[1], device=samples.device)
+        return mask, torch.where(samples > 0, index - starts, 0)
 
     def loss(self, batch: dict) -> torch.Tensor:
         """Mean cross-entropy over the answer tokens of the batch."""
@@ -226,9 +241,10 @@ class VisionLanguageModel(nn.Module):
         return -logprobs.mean()
 
     def sequence_logprobs(self, batch: dict) -> torch.Tensor:
-        """Summed log-probability of each row's labelled tokens: (B,). Used to score answer options."""
+        """Summed log-probability of each sample's labelled tokens: (B,), or (samples,) when packed."""
         logprobs, rows = self.token_logprobs(batch)
-        return torch.zeros(batch["labels"].shape[0], device=logprobs.device).index_add(0, rows, logprobs)
+        count = int(batch["sample_ids"].max()) if "sample_ids" in batch else batch["labels"].shape[0]
+        return torch.zeros(count, device=logprobs.device).index_add(0, rows, logprobs)
 
     def option_logprobs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probability of every candidate token of a scoring batch and the (sample, option) row it belongs to:
@@ -240,10 +256,12 @@ class VisionLanguageModel(nn.Module):
         picture and the modality token that LaVIN's routers read go through the model once for all candidates.
         """
         valid, segments = batch["attention_mask"].bool(), batch["segment_ids"]  # (S, T) each
-        starts, predictors = candidate_starts(segments)
+        index = torch.arange(segments.shape[1], device=segments.device)
+        first, starts = segment_starts(segments)
+        prompt_last = (segments == 0).sum(dim=1, keepdim=True) - 1  # (S, 1): candidates follow the prompt
+        predictors = torch.where(first, prompt_last, index - 1)  # (S, T): the position predicting each token
         keys, queries = segments[:, None, None, :], segments[:, None, :, None]
         mask = self.attention_mask(valid) & ((keys == 0) | (keys == queries))  # (S, 1, T, T)
-        index = torch.arange(segments.shape[1], device=segments.device)
         positions = self.position_ids(valid & (segments == 0)) + torch.where(segments > 0, index - starts + 1, 0)
         hidden = self.hidden_states(batch, mask, positions)  # (S, T, d)
         selected = batch["labels"] != IGNORE_INDEX  # (S, T): the candidates' tokens
@@ -295,13 +313,9 @@ class VisionLanguageModel(nn.Module):
         return [row[: row.index(eos)] if stop_at_eos and eos in row else row for row in tokens]
 
 
-def candidate_starts(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For a scoring layout's segment ids (S, T) (0: prompt and left padding, k: candidate k, candidates
-    contiguous after the prompt): the index where each position's segment starts, and the position whose hidden
-    state predicts each position's token (the previous one; the prompt's last one for a candidate's first token).
-    Both (S, T), meaningful on candidate positions."""
+def segment_starts(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For (B, T) segment ids whose segments are contiguous runs: whether each position starts a run, and the
+    index where its run starts; both (B, T)."""
     index = torch.arange(segments.shape[1], device=segments.device)  # (T,)
-    starts_here = segments != F.pad(segments, (1, 0))[:, :-1]  # (S, T): a candidate's first token
-    starts = torch.where(starts_here, index, 0).cummax(dim=1).values
-    prompt_last = (segments == 0).sum(dim=1, keepdim=True) - 1  # (S, 1)
-    return starts, torch.where(starts_here, prompt_last, index - 1)
+    first = segments != F.pad(segments, (1, 0))[:, :-1]
+    return first, torch.where(first, index, 0).cummax(dim=1).values

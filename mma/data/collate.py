@@ -13,6 +13,10 @@ k-th candidate), so the prompt (and the picture) is encoded once, not once per o
 
 ``VisionLanguageModel.option_logprobs`` lets each candidate attend to the prompt and to itself only and restarts
 its positions where the prompt ends, which gives the scores of one full sequence per candidate.
+
+With ``pack``, training samples are packed several to a row of at most ``max_length`` tokens (``sample_ids``: the
+sample's number + 1, 0 on padding and the modality slot); ``VisionLanguageModel.packed_attention`` keeps each on
+its own, so the loss and its gradients are those of one row per sample with less padding.
 """
 
 from collections.abc import Callable
@@ -31,7 +35,7 @@ class VLMCollator:
     """Tokenise, lay out, left-pad and stack a list of samples.
 
     ``num_visual_tokens`` is the number of visual tokens per image; they take slots in the sequence only when the
-    layout says so.
+    layout says so. ``pack`` packs training samples (all with answers) several to a row (``_pack``).
     """
 
     def __init__(
@@ -41,8 +45,10 @@ class VLMCollator:
         layout: SequenceLayout,
         num_visual_tokens: int,
         max_length: int = 512,
+        pack: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
+        self.pack = pack
         self.transform = transform
         self.layout = layout
         self.modality_token = layout.modality_token
@@ -58,14 +64,19 @@ class VLMCollator:
 
     def __call__(self, samples: list[dict]) -> dict:
         scoring = "candidates" in samples[0]
+        rows = [[i] for i in range(len(samples))]  # the samples in each row
         if scoring:
             batch = self._scoring_rows(samples)
+        elif self.pack and all(sample.get("answer") is not None for sample in samples):
+            sequences = [self._sequence(sample, sample["answer"]) for sample in samples]
+            rows = self._pack(sequences, [sample["image"] is not None for sample in samples])
+            batch = self._packed_rows(sequences, rows)
         else:
             batch = self._pad([self._sequence(sample, sample.get("answer")) for sample in samples])
-        # One row per sample, options included, so each picture is transformed and encoded once.
-        images = [self._pixels(s["image"]) for s in samples if s["image"] is not None]
+        # Pictures in row order, each transformed once: a row's visual token slots take them in turn.
+        images = [self._pixels(samples[i]["image"]) for row in rows for i in row if samples[i]["image"] is not None]
         batch["pixel_values"] = torch.stack(images) if images else None
-        batch["has_image"] = torch.tensor([s["image"] is not None for s in samples])
+        batch["has_image"] = torch.tensor([samples[row[0]]["image"] is not None for row in rows])
         if scoring:
             batch["sample_index"] = torch.tensor([i for i, s in enumerate(samples) for _ in s["candidates"]])
             batch["option_chars"] = torch.tensor([len(c) for s in samples for c in s["candidates"]])
@@ -115,9 +126,34 @@ class VLMCollator:
             segments.append(row_segments)
         return self._pad(rows, segments)
 
-    def _pad(self, sequences: list[tuple[list[int], list[int]]], segments: list[list[int]] | None = None) -> dict:
-        """Left-pad, keeping the modality slot at index 0 of every row; ``segments`` (scoring layout) become
-        ``segment_ids``, 0 on the slot and the padding."""
+    def _pack(self, sequences: list[tuple[list[int], list[int]]], has_image: list[bool]) -> list[list[int]]:
+        """Sample numbers in each packed row: first-fit decreasing into rows of ``max_length``, pictured and
+        text-only samples apart (the row's modality token speaks for all its samples); under early fusion each
+        pictured sample keeps a row of its own (the adapter layers take one picture's visual tokens per row)."""
+        rows = []
+        for picture in (True, False):
+            members = [i for i, flag in enumerate(has_image) if flag == picture]
+            if picture and not self.layout.visual_in_sequence:
+                rows += [[i] for i in members]
+            else:
+                rows += first_fit({i: len(sequences[i][0]) for i in members}, self._room)
+        return rows
+
+    def _packed_rows(self, sequences: list[tuple[list[int], list[int]]], rows: list[list[int]]) -> dict:
+        packed, sample_ids = [], []
+        for row in rows:
+            packed.append(([t for i in row for t in sequences[i][0]], [t for i in row for t in sequences[i][1]]))
+            sample_ids.append([i + 1 for i in row for _ in sequences[i][0]])
+        return self._pad(packed, sample_ids, key="sample_ids")
+
+    def _pad(
+        self,
+        sequences: list[tuple[list[int], list[int]]],
+        segments: list[list[int]] | None = None,
+        key: str = "segment_ids",
+    ) -> dict:
+        """Left-pad, keeping the modality slot at index 0 of every row; ``segments`` (scoring layout, packed
+        samples) become ``key``, 0 on the slot and the padding."""
         head = [self.layout.modality_slot] if self.modality_token else []
         width = max(len(ids) for ids, _ in sequences)
         input_ids, labels, mask = [], [], []
@@ -132,8 +168,23 @@ class VLMCollator:
             "attention_mask": torch.tensor(mask),
         }
         if segments is not None:
-            batch["segment_ids"] = torch.tensor([[0] * (len(head) + width - len(row)) + row for row in segments])
+            batch[key] = torch.tensor([[0] * (len(head) + width - len(row)) + row for row in segments])
         return batch
 
     def _pixels(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
         return image if isinstance(image, torch.Tensor) else self.transform(image.convert("RGB"))
+
+
+def first_fit(lengths: dict[int, int], capacity: int) -> list[list[int]]:
+    """Keys of ``lengths`` in bins whose lengths sum to at most ``capacity``, longest first into the first bin
+    with room (first-fit decreasing)."""
+    bins: list[list[int]] = []
+    free: list[int] = []
+    for key in sorted(lengths, key=lambda k: -lengths[k]):
+        target = next((b for b, space in enumerate(free) if space >= lengths[key]), len(bins))
+        if target == len(bins):
+            bins.append([])
+            free.append(capacity)
+        bins[target].append(key)
+        free[target] -= lengths[key]
+    return bins

@@ -1,6 +1,6 @@
 """Training-step and generation cost of adapters on the demo backbones, as ratios measured side by side.
 
-    python bench/train_step.py [--config recipes/demo.yaml] [--threads 2] [--steps 6]
+    python bench/train_step.py [--config recipes/demo.yaml] [--threads 2] [--steps 6] [--data scienceqa]
 
 Builds the recipe's backbones once per method: only the projector trainable (`none`, the floor), LaVIN MMA
 adapters and LLaMA-Adapter V2 (each with its default settings), and times, alternating between them so drift hits
@@ -8,6 +8,12 @@ all alike:
   - one optimizer step at batch 4 x 256 tokens (forward, backward, AdamW) under the recipe's precision (the
     Trainer's own forward context: autocast for ``bf16-mixed``, none for ``32-true``);
   - greedy generation with KV cache (tokens per second).
+Each step also reports what it achieves (``bench/measure.py``): real (non-padding) tokens per second, the padding
+share, model GFLOP/s (``mma.throughput``: real tokens only) and MFU against the matmul throughput measured at
+start in the recipe's compute dtype, and peak memory (CUDA: allocated tensors; CPU: the process's resident set).
+``--data scienceqa`` instead compares, on the ScienceQA sample's length distribution, padding every row to
+max_length (LaVIN) with padding to the batch's longest row and with length-grouped batches
+(``bench/scienceqa_padding.py``).
 Then, on the text-only LLM, mma's adaption prompts against peft's (``AdaptionPromptConfig``) with the same
 settings: 10-token prompts in every layer, one ungated scalar per layer, no bias/scale or norms.
 Run it alone: with two cores another busy process slows torch by an order of magnitude.
@@ -17,10 +23,12 @@ import argparse
 import json
 import statistics
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.plugins import Precision
+from measure import HEADER, StepStats, matmul_gflops, peak_memory_mb, reset_peak_memory  # bench/ is on sys.path
 from peft import AdaptionPromptConfig, get_peft_model
 
 from mma.adapters import get_adapter
@@ -63,14 +71,28 @@ def samples(collator, tokens: int) -> list[dict]:
     return [{"prompt": prompt, "answer": "The answer is red.", "image": image} for _ in range(BATCH)]
 
 
-def time_train_step(model, batch, optimizer, precision: Precision) -> float:
+def time_train_step(model, batch, optimizer, precision: Precision | None = None) -> float:
     start = time.perf_counter()
-    with precision.forward_context():
+    with precision.forward_context() if precision else nullcontext():
         loss = model.loss(batch)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return time.perf_counter() - start
+
+
+def measured_step(model, batch, optimizer, precision: Precision, stats: StepStats) -> None:
+    """One timed training step, its real tokens, model FLOPs and peak memory added to ``stats``."""
+    device = next(model.parameters()).device
+    reset_peak_memory(device)
+    seconds = time_train_step(model, batch, optimizer, precision)
+    stats.add(model, batch, seconds, peak_memory_mb(device))
+
+
+def compute_dtype(precision: Precision) -> torch.dtype:
+    """The dtype the recipe's matmuls run in: bf16 / fp16 under mixed or true half precision, else float32."""
+    name = str(precision.precision)
+    return torch.bfloat16 if name.startswith("bf16") else torch.float16 if name.startswith("16") else torch.float32
 
 
 def time_generation(model, batch, precision: Precision) -> float:
@@ -123,41 +145,56 @@ def main() -> None:
     parser.add_argument("--config", default="recipes/demo.yaml")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--data", choices=["filler", "scienceqa"], default="filler")
+    parser.add_argument("--scienceqa", default="../shared/data/scienceqa-sample", help="ScienceQA folder")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.data == "scienceqa":
+        from scienceqa_padding import compare_padding
 
+        compare_padding(args.config, args.scienceqa, args.steps)
+        return
+    compare_adapters(args.config, args.steps, args.threads)
+    compare_with_peft(args.config, args.steps)
+
+
+def compare_adapters(config: str, steps: int, threads: int) -> None:
+    """Training step and generation of every method in ADAPTERS, alternating, with what each step achieves."""
     runs = {}
     for adapter in ADAPTERS:
-        model, collator, precision = build(args.config, adapter)
+        model, collator, precision = build(config, adapter)
         train_batch = collator(samples(collator, TOKENS))
         prompt_batch = collator([{**s, "answer": None} for s in samples(collator, TOKENS // 2)])
         optimizer = adamw(model)
-        runs[adapter] = dict(
-            model=model, train=train_batch, prompt=prompt_batch, opt=optimizer, precision=precision, step=[], gen=[]
-        )
-    print(f"batch {BATCH} x {train_batch['input_ids'].shape[1]} tokens, {args.threads} threads, {precision.precision}")
+        runs[adapter] = dict(model=model, train=train_batch, prompt=prompt_batch, opt=optimizer, precision=precision)
+        runs[adapter] |= dict(step=StepStats(), gen=[])
+    peak = matmul_gflops(compute_dtype(precision), next(model.parameters()).device)
+    print(f"batch {BATCH} x {train_batch['input_ids'].shape[1]} tokens, {threads} threads, {precision.precision}")
+    print(f"matmul throughput (1024^2, {compute_dtype(precision)}): {peak:.1f} GFLOP/s")
 
     for run in runs.values():  # warm-up: allocator, autocast caches, first-call overheads
         run["model"].train()
         time_train_step(run["model"], run["train"], run["opt"], run["precision"])
-    for _ in range(args.steps):
+    for _ in range(steps):
         for run in runs.values():
             run["model"].train()
-            run["step"].append(time_train_step(run["model"], run["train"], run["opt"], run["precision"]))
+            measured_step(run["model"], run["train"], run["opt"], run["precision"], run["step"])
             run["model"].eval()
             run["gen"].append(time_generation(run["model"], run["prompt"], run["precision"]))
+    report_adapters(runs, peak)
 
-    step = {name: statistics.median(run["step"]) for name, run in runs.items()}
+
+def report_adapters(runs: dict, peak_gflops: float) -> None:
+    step = {name: statistics.median(run["step"].seconds) for name, run in runs.items()}
     gen = {name: 1 / statistics.median(run["gen"]) for name, run in runs.items()}
-    for name in runs:
-        print(f"{name:>16}: train step {step[name]:.3f} s   generation {gen[name]:.1f} tokens/s")
+    print(f"{'':>16}  step s  {HEADER}  generation tok/s")
+    for name, run in runs.items():
+        print(f"{name:>16}: {step[name]:6.3f} {run['step'].line(peak_gflops)}  {gen[name]:10.1f}")
     for name, target in TARGETS.items():
         print(f"training step, {name} / projector-only: {step[name] / step['none']:.3f}x  (target <= {target:.2f}x)")
     print(f"generation tokens/s, lavin / projector-only: {gen['lavin'] / gen['none']:.3f}x  (target >= 0.90x)")
     print(f"generation tokens/s, llama-adapter-v2 / projector-only: {gen['llama-adapter-v2'] / gen['none']:.3f}x")
-    del runs
-    compare_with_peft(args.config, args.steps)
 
 
 if __name__ == "__main__":

@@ -192,14 +192,17 @@ class VisionLanguageModel(nn.Module):
             counted[:, 0] = False
         return (counted.long().cumsum(-1) - 1).clamp(min=0)
 
-    def hidden_states(self, batch: dict) -> torch.Tensor:
-        """Last-layer hidden states (B, T, d) of the full sequences in ``batch``."""
+    def hidden_states(
+        self, batch: dict, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Last-layer hidden states (B, T, d) of the full sequences in ``batch``; the (B, 1, T, T) mask and (B, T)
+        positions default to ``attention_mask`` and ``position_ids`` of the batch's valid tokens."""
         valid = batch["attention_mask"].bool()
         embeddings, layer_inputs = self.embed(batch["input_ids"], batch.get("pixel_values"), batch["has_image"])
         out = self.llm.get_decoder()(
             inputs_embeds=embeddings,
-            attention_mask=self.attention_mask(valid),
-            position_ids=self.position_ids(valid),
+            attention_mask=self.attention_mask(valid) if attention_mask is None else attention_mask,
+            position_ids=self.position_ids(valid) if position_ids is None else position_ids,
             use_cache=False,
             **layer_inputs,
         )
@@ -209,15 +212,30 @@ class VisionLanguageModel(nn.Module):
         """Log-probability of every labelled token and the sample each belongs to: (N,), (N,).
 
         The LM head runs only on positions that predict a label: on a 135M model with a 49k vocabulary the head
-        over every position costs about as much as the rest of the forward pass.
+        over every position costs about as much as the rest of the forward pass. A packed batch (``sample_ids``)
+        holds several samples per row, each on its own (``packed_attention``); samples are then numbered as the
+        collator received them, not by row.
         """
-        hidden = self.hidden_states(batch)[:, :-1]  # (B, T-1, d) predicts tokens 1..T-1
+        hidden = self.hidden_states(batch, *self.packed_attention(batch))[:, :-1]  # (B, T-1, d): tokens 1..T-1
         targets = batch["labels"][:, 1:]
         selected = targets != IGNORE_INDEX
         logits = self.llm.get_output_embeddings()(hidden[selected]).float()  # (N, vocab)
         logprobs = -F.cross_entropy(logits, targets[selected], reduction="none")
+        if "sample_ids" in batch:
+            return logprobs, batch["sample_ids"][:, 1:][selected] - 1
         rows = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)
         return logprobs, rows[selected]
+
+    def packed_attention(self, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The block-diagonal (B, 1, T, T) mask and the (B, T) positions of a packed batch: each sample attends
+        to itself only and counts positions from 0, as in a row of its own. (None, None) for other batches."""
+        if "sample_ids" not in batch:
+            return None, None
+        valid, samples = batch["attention_mask"].bool(), batch["sample_ids"]  # (B, T) each; samples 0: no sample
+        mask = self.attention_mask(valid) & (samples[:, None, :, None] == samples[:, None, None, :])
+        _, starts = segment_starts(samples)
+        index = torch.arange(samples.shape[1], device=samples.device)
+        return mask, torch.where(samples > 0, index - starts, 0)
 
     def loss(self, batch: dict) -> torch.Tensor:
         """Mean cross-entropy over the answer tokens of the batch."""
@@ -225,9 +243,36 @@ class VisionLanguageModel(nn.Module):
         return -logprobs.mean()
 
     def sequence_logprobs(self, batch: dict) -> torch.Tensor:
-        """Summed log-probability of each row's labelled tokens: (B,). Used to score answer options."""
+        """Summed log-probability of each sample's labelled tokens: (B,), or (samples,) when packed."""
         logprobs, rows = self.token_logprobs(batch)
-        return torch.zeros(batch["labels"].shape[0], device=logprobs.device).index_add(0, rows, logprobs)
+        count = int(batch["sample_ids"].max()) if "sample_ids" in batch else batch["labels"].shape[0]
+        return torch.zeros(count, device=logprobs.device).index_add(0, rows, logprobs)
+
+    def option_logprobs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probability of every candidate token of a scoring batch and the (sample, option) row it belongs to:
+        (N,), (N,), rows numbered as ``batch["sample_index"]`` numbers them.
+
+        A scoring row (``mma.data.collate``) holds a prompt, then each candidate as a segment. A candidate attends
+        to the prompt and to itself only, its positions continue from the prompt's end and its first token is
+        predicted from the prompt's last position: each scores as in a sequence of its own, while the prompt, its
+        picture and the modality token that LaVIN's routers read go through the model once for all candidates.
+        """
+        valid, segments = batch["attention_mask"].bool(), batch["segment_ids"]  # (S, T) each
+        index = torch.arange(segments.shape[1], device=segments.device)
+        first, starts = segment_starts(segments)
+        prompt_last = (segments == 0).sum(dim=1, keepdim=True) - 1  # (S, 1): candidates follow the prompt
+        predictors = torch.where(first, prompt_last, index - 1)  # (S, T): the position predicting each token
+        keys, queries = segments[:, None, None, :], segments[:, None, :, None]
+        mask = self.attention_mask(valid) & ((keys == 0) | (keys == queries))  # (S, 1, T, T)
+        positions = self.position_ids(valid & (segments == 0)) + torch.where(segments > 0, index - starts + 1, 0)
+        hidden = self.hidden_states(batch, mask, positions)  # (S, T, d)
+        selected = batch["labels"] != IGNORE_INDEX  # (S, T): the candidates' tokens
+        sample = torch.arange(segments.shape[0], device=segments.device)[:, None].expand_as(segments)[selected]
+        logits = self.llm.get_output_embeddings()(hidden[sample, predictors[selected]]).float()  # (N, vocab)
+        logprobs = -F.cross_entropy(logits, batch["labels"][selected], reduction="none")
+        options = torch.bincount(batch["sample_index"].to(sample.device), minlength=segments.shape[0])  # (S,)
+        first_row = options.cumsum(0) - options  # (S,) row of each sample's first option
+        return logprobs, first_row[sample] + segments[selected] - 1
 
     @torch.no_grad()
     def generate(
@@ -268,3 +313,11 @@ class VisionLanguageModel(nn.Module):
                 step_input, query_length = (token_embedding, 1) if use_cache else (embeddings, None)
         tokens = torch.stack(new_tokens, dim=1).tolist()
         return [row[: row.index(eos)] if stop_at_eos and eos in row else row for row in tokens]
+
+
+def segment_starts(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For (B, T) segment ids whose segments are contiguous runs: whether each position starts a run, and the
+    index where its run starts; both (B, T)."""
+    index = torch.arange(segments.shape[1], device=segments.device)  # (T,)
+    first = segments != F.pad(segments, (1, 0))[:, :-1]
+    return first, torch.where(first, index, 0).cummax(dim=1).values

@@ -186,8 +186,10 @@ class MMAModule(L.LightningModule):
         return torch.tensor(chosen), texts, {}
 
     def _score_options(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Chosen option per sample under each normalisation of the options' log-likelihoods: name -> (S,)."""
-        logprobs, rows = self.model.token_logprobs(batch)
+        """Chosen option per sample under each normalisation of the options' log-likelihoods: name -> (S,).
+
+        The batch has the collator's scoring layout: each prompt runs once, its options are scored from it."""
+        logprobs, rows = self.model.option_logprobs(batch)
         sample_index, chars = batch["sample_index"].cpu(), batch["option_chars"].cpu()
         return choices_by_normalisation(logprobs.float().cpu(), rows.cpu(), sample_index, chars)
 

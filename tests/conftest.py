@@ -70,8 +70,8 @@ def tiny_model(adapter: str = "lavin", seed: int = 0, **adapter_config):
     return build_model(tiny_config(adapter, **adapter_config))
 
 
-def collator_for(model, max_length: int = 128) -> VLMCollator:
-    return VLMCollator(model.tokenizer, None, model.layout, model.num_visual_tokens, max_length)
+def collator_for(model, max_length: int = 128, pack: bool = False) -> VLMCollator:
+    return VLMCollator(model.tokenizer, None, model.layout, model.num_visual_tokens, max_length, pack)
 
 
 def image(seed: int) -> torch.Tensor:

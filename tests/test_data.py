@@ -1,8 +1,9 @@
 import pytest
+import torch
 from PIL import Image
 
 from mma.data import SyntheticVQADataModule
-from mma.data.base import EpochSampler, JointDataset, SourceBatchSampler
+from mma.data.base import EpochSampler, JointDataset, LengthGroupedSampler, SourceBatchSampler
 from mma.data.datamodule import SyntheticCaptions, SyntheticVQA
 from mma.data.images import load_image
 from mma.data.prompts import answer_text, question_prompt
@@ -73,3 +74,67 @@ def test_captions_name_what_the_picture_shows_and_the_fraction_is_checked():
     assert all(captions[i]["answer"].split()[0] in COUNTS and captions[i]["image"] for i in range(10))
     with pytest.raises(ConfigError, match=r"caption_fraction=1.0 must be in \[0, 1\)"):
         SyntheticVQADataModule(caption_fraction=1.0)
+
+
+def _batches(sampler, batch_size: int) -> list[list[int]]:
+    order = list(sampler)
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _padding(batches: list[list[int]], lengths: list[int]) -> int:
+    return sum(len(batch) * max(lengths[i] for i in batch) - sum(lengths[i] for i in batch) for batch in batches)
+
+
+def test_length_grouped_batches_hold_neighbouring_lengths_longest_first():
+    lengths = torch.randperm(400, generator=torch.Generator().manual_seed(0)).add(1).tolist()  # 1..400, shuffled
+    sampler = LengthGroupedSampler(lengths, seed=0, batch_size=8, mega_batches=50)  # one mega-batch: all of it
+    batches = _batches(sampler, 8)
+    assert sorted(i for batch in batches for i in batch) == list(range(400))
+    spans = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches]
+    assert spans == [7] * 50  # each batch: 8 consecutive lengths
+    assert max(lengths[i] for i in batches[0]) == 400
+    assert batches[1:] != sorted(batches[1:], key=lambda b: -lengths[b[0]])  # the rest are shuffled
+    small = LengthGroupedSampler(lengths, seed=0, batch_size=8, mega_batches=5)
+    random_order = _padding(_batches(EpochSampler(400, seed=0), 8), lengths)
+    assert _padding(_batches(small, 8), lengths) < random_order / 4
+
+
+def test_length_grouped_epochs_differ_and_a_resumed_epoch_continues_with_the_same_batches():
+    lengths = [(7 * i) % 50 for i in range(203)]  # an incomplete last batch
+    sampler = LengthGroupedSampler(lengths, seed=3, batch_size=4, mega_batches=3)
+    sampler.set_epoch(1)
+    first = _batches(sampler, 4)
+    assert len(first) == 51 and len(first[-1]) == 3
+    sampler.skip = 5 * 4
+    assert _batches(sampler, 4) == first[5:]
+    assert _batches(sampler, 4) == first  # the skip applies to one pass only
+    sampler.set_epoch(2)
+    assert _batches(sampler, 4) != first
+
+
+def test_length_grouped_ranks_partition_each_step_of_the_single_process_order():
+    """Rank r takes positions r, r + n, ... : the ranks' batches of b together are the single-process batches
+    of n * b, so each step's batches come from the same length group."""
+    lengths = [(13 * i) % 97 for i in range(250)]
+    single = _batches(LengthGroupedSampler(lengths, seed=1, batch_size=3 * 4, mega_batches=4), 3 * 4)
+    ranks = [_batches(LengthGroupedSampler(lengths, 1, 4, 4, num_replicas=3, rank=r), 4) for r in range(3)]
+    steps = [sorted(i for batch in together for i in batch) for together in zip(*ranks, strict=True)]
+    assert len(steps) == len(single) == 21
+    assert steps[:-1] == [sorted(batch) for batch in single[:-1]]
+    assert set(single[-1]) <= set(steps[-1])  # the last step: 10 samples and 2 repeated to fill the ranks
+    seen = [i for batches in ranks for batch in batches for i in batch]
+    assert set(seen) == set(range(250)) and len(seen) == 252  # padded by repeating the start, as EpochSampler
+
+
+def test_data_modules_group_by_length_when_the_dataset_reports_lengths():
+    module = SyntheticVQADataModule(train_size=40, batch_size=4)
+    module.trainer = type("Trainer", (), {"world_size": 1, "global_rank": 0})()
+    questions = SyntheticVQA("train", 40, 0, 32, 0.75, "text")
+    assert questions.text_lengths() == [
+        len(s["prompt"]) + len(s["answer"]) for s in map(questions.__getitem__, range(40))
+    ]
+    assert isinstance(module.train_sampler(questions, 1, 0), LengthGroupedSampler)
+    joint = JointDataset({"instruction": questions, "caption": SyntheticCaptions(8, 0, 32)})
+    assert isinstance(module.train_sampler(joint, 1, 0), LengthGroupedSampler)
+    assert type(module.train_sampler([{"prompt": "x"}] * 8, 1, 0)) is EpochSampler  # no lengths reported
+    assert type(SyntheticVQADataModule(group_by_length=False).train_sampler(questions, 1, 0)) is EpochSampler

@@ -85,16 +85,17 @@ def test_the_blind_control_asks_the_same_questions_over_blank_pictures(data):
         assert any(low != high for low, high in a["image"].getextrema())
 
 
-def test_collation_expands_every_option(data):
+def test_collation_scores_every_option_after_one_prompt(data):
     kinds = {q.kind: i for i, q in enumerate(data.val_set.questions)}  # one question of each type
     samples = [data.val_set[i] for i in kinds.values()]
     collate = VLMCollator(
         byte_tokenizer(), create_transform(input_size=(3, 32, 32)), SequenceLayout(modality_token=True), 4
     )
     batch = collate(samples)
-    assert batch["input_ids"].shape[0] == batch["pixel_values"].shape[0] == 2 + 3 + 8
+    assert batch["input_ids"].shape[0] == batch["pixel_values"].shape[0] == 3  # one row and picture per question
     assert batch["pixel_values"].shape[1:] == (3, 32, 32)
     assert batch["sample_index"].bincount().tolist() == [len(s["candidates"]) for s in samples]
+    assert batch["segment_ids"].amax(dim=1).tolist() == [len(s["candidates"]) for s in samples]
     assert batch["target"] == [s["target"] for s in samples]
 
 

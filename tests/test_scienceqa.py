@@ -243,12 +243,16 @@ def test_summed_option_scores_are_the_models_sequence_logprobs():
 
     model = tiny_model("lavin")
     samples = [{"prompt": "Which is a mammal?", "image": None, "candidates": ["frog", "a large whale"]}]
-    batch = collator_for(model)(samples)
+    collate = collator_for(model)
+    batch = collate(samples)
     assert batch["option_chars"].tolist() == [4, 13]
-    logprobs, rows = model.token_logprobs(batch)
+    logprobs, rows = model.option_logprobs(batch)
     summed = option_scores(logprobs, rows, 2, "sum", batch["option_chars"])
-    torch.testing.assert_close(summed, model.sequence_logprobs(batch))
-    counts = (batch["labels"] != -100).sum(1).float()  # the option's tokens and EOS
+    per_option = collate(
+        [{"prompt": "Which is a mammal?", "image": None, "answer": a} for a in ("frog", "a large whale")]
+    )
+    torch.testing.assert_close(summed, model.sequence_logprobs(per_option), rtol=0, atol=1e-4)
+    counts = (per_option["labels"] != -100).sum(1).float()  # the option's tokens and EOS
     torch.testing.assert_close(option_scores(logprobs, rows, 2, "mean", batch["option_chars"]), summed / counts)
 
 

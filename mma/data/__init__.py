@@ -1,6 +1,6 @@
 """Data: the built-in synthetic task, easy-VQA, ScienceQA, collation into the model's layout, prompt formats."""
 
-from mma.data.base import EpochSampler, MMADataModule
+from mma.data.base import EpochSampler, LengthGroupedSampler, MMADataModule
 from mma.data.collate import VLMCollator
 from mma.data.datamodule import SyntheticVQA, SyntheticVQADataModule
 from mma.data.easyvqa import EasyVQA, EasyVQADataModule
@@ -10,6 +10,7 @@ __all__ = [
     "EasyVQA",
     "EasyVQADataModule",
     "EpochSampler",
+    "LengthGroupedSampler",
     "MMADataModule",
     "ScienceQA",
     "ScienceQADataModule",

@@ -7,9 +7,10 @@ Data and module talk one way: ``MMAModule.setup`` gives the data module its coll
 """
 
 import bisect
-from collections.abc import Iterator
+import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol, runtime_checkable
 
 import lightning as L
 import torch
@@ -17,6 +18,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from mma.data.collate import VLMCollator
 from mma.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 class EpochSampler(DistributedSampler):
@@ -33,12 +36,70 @@ class EpochSampler(DistributedSampler):
         super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
         self.size, self.skip = size, 0
 
-    def __iter__(self):
+    def order(self) -> torch.Tensor:
+        """This epoch's order of all ``size`` indices, before the ranks split it: (size,)."""
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.size, generator=generator) if self.shuffle else torch.arange(self.size)
+        return torch.randperm(self.size, generator=generator) if self.shuffle else torch.arange(self.size)
+
+    def __iter__(self):
+        order = self.order()
         order = torch.cat([order, order[: self.total_size - self.size]])
         skip, self.skip = self.skip, 0
         return iter(order[self.rank :: self.num_replicas][skip:].tolist())
+
+
+class LengthGroupedSampler(EpochSampler):
+    """An ``EpochSampler`` whose order batches samples of similar length together, so less of each batch is
+    padding; a sample's loss does not change (positions ignore padding), only which samples share a batch.
+
+    Each epoch, from the (seed, epoch) generator: shuffle; cut into mega-batches of ``mega_batches`` steps; sort
+    each by length, longest first; cut into steps of ``batch_size`` x ``num_replicas`` samples; shuffle the
+    steps, then put the one with the longest sample first (a run that runs out of memory does so at step 1)
+    and keep an incomplete step last. The ranks stride through this order as through ``EpochSampler``'s, so each
+    rank's batch of a step holds ``batch_size`` of that step's samples, and ``skip`` resumes the same way.
+
+    ``lengths`` (size,) are any cheap per-sample lengths: mma's datasets report prompt + answer characters
+    (``TextLengths``).
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        seed: int,
+        batch_size: int,
+        mega_batches: int = 50,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        super().__init__(len(lengths), seed, shuffle=True, num_replicas=num_replicas, rank=rank)
+        self.lengths = torch.as_tensor(lengths)
+        self.batch_size, self.mega_batches = batch_size, mega_batches
+
+    def order(self) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        shuffled = torch.randperm(self.size, generator=generator)
+        step = self.batch_size * self.num_replicas
+        mega = [
+            chunk[self.lengths[chunk].argsort(descending=True, stable=True)]
+            for chunk in shuffled.split(step * self.mega_batches)
+        ]
+        steps = torch.cat(mega).split(step)
+        full = len(steps) - int(len(steps[-1]) < step)  # an incomplete step stays last
+        order = torch.randperm(full, generator=generator).tolist()
+        if order:
+            longest = max(order, key=lambda i: int(self.lengths[steps[i][0]]))  # sorted: its first is longest
+            order.remove(longest)
+            order.insert(0, longest)
+        return torch.cat([steps[i] for i in order] + list(steps[full:]))
+
+
+@runtime_checkable
+class TextLengths(Protocol):
+    """A dataset that reports every sample's length without loading it, for length-grouped batches:
+    ``len(prompt) + len(answer)`` in characters. A proxy for the token count: a tokenizer gives about a token
+    per 3-4 characters, and the visual tokens an image sample adds are left out."""
+
+    def text_lengths(self) -> list[int]: ...
 
 
 class JointDataset(Dataset):
@@ -61,6 +122,14 @@ class JointDataset(Dataset):
     def sources(self) -> list[int]:
         """The part number of every index."""
         return torch.arange(len(self.parts)).repeat_interleave(self.lengths).tolist()
+
+
+def text_lengths(dataset: Dataset) -> list[int] | None:
+    """Every sample's ``TextLengths`` length (a ``JointDataset``'s from its parts); None when not reported."""
+    if isinstance(dataset, JointDataset):
+        parts = [text_lengths(part) for part in dataset.parts]
+        return None if any(part is None for part in parts) else [n for part in parts for n in part]
+    return dataset.text_lengths() if isinstance(dataset, TextLengths) else None
 
 
 class SourceBatchSampler(Sampler[list[int]]):
@@ -123,9 +192,15 @@ class Evaluation:
 
 class MMADataModule(L.LightningDataModule):
     """Base of mma's data modules: batches are laid out by the collator the module hands over (``set_collator``),
-    and the position in the training epoch is saved in checkpoints so a resumed run sees the same batches."""
+    and the position in the training epoch is saved in checkpoints so a resumed run sees the same batches.
 
-    def __init__(self, batch_size: int, eval_batch_size: int, num_workers: int, seed: int) -> None:
+    ``group_by_length`` batches training samples of similar length together (``LengthGroupedSampler``) when the
+    dataset reports lengths (``TextLengths``); otherwise, and when off, batches are drawn at random.
+    """
+
+    def __init__(
+        self, batch_size: int, eval_batch_size: int, num_workers: int, seed: int, group_by_length: bool = True
+    ) -> None:
         super().__init__()
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if value < 1:
@@ -133,7 +208,7 @@ class MMADataModule(L.LightningDataModule):
         if num_workers < 0:
             raise ConfigError(f"data setting num_workers={num_workers} must be at least 0")
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.num_workers, self.seed = num_workers, seed
+        self.num_workers, self.seed, self.group_by_length = num_workers, seed, group_by_length
         self.collator: VLMCollator | None = None
         self._resume_batches = 0
 
@@ -147,8 +222,7 @@ class MMADataModule(L.LightningDataModule):
 
     def train_loader(self, dataset: Dataset) -> DataLoader:
         """Shuffled training batches; a ``JointDataset`` gives batches of one source each."""
-        world, rank = self.trainer.world_size, self.trainer.global_rank
-        sampler = EpochSampler(len(dataset), self.seed, num_replicas=world, rank=rank)
+        sampler = self.train_sampler(dataset, self.trainer.world_size, self.trainer.global_rank)
         resume, self._resume_batches = self._resume_batches, 0
         if isinstance(dataset, JointDataset):
             batches = SourceBatchSampler(sampler, dataset.sources(), self.batch_size)
@@ -156,6 +230,15 @@ class MMADataModule(L.LightningDataModule):
             return self._loader(dataset, batch_sampler=batches)
         sampler.skip = (resume * self.batch_size) % len(sampler)
         return self._loader(dataset, batch_size=self.batch_size, sampler=sampler)
+
+    def train_sampler(self, dataset: Dataset, world: int, rank: int) -> EpochSampler:
+        """This rank's training order: length-grouped when ``group_by_length`` and the dataset reports lengths."""
+        lengths = text_lengths(dataset) if self.group_by_length else None
+        if self.group_by_length and lengths is None:
+            log.warning("%s reports no text_lengths(): batches are not grouped by length", type(dataset).__name__)
+        if lengths is None:
+            return EpochSampler(len(dataset), self.seed, num_replicas=world, rank=rank)
+        return LengthGroupedSampler(lengths, self.seed, self.batch_size, num_replicas=world, rank=rank)
 
     def eval_loader(self, dataset: Dataset) -> DataLoader:
         sampler = EpochSampler(len(dataset), self.seed, shuffle=False)

@@ -51,6 +51,11 @@ class SyntheticVQA(Dataset):
         candidates = [answer_text(p.choices, i, self.answer_style) for i in range(len(p.choices))]
         return {**sample, "candidates": candidates, "target": p.answer, "groups": groups}
 
+    def text_lengths(self) -> list[int]:
+        """Prompt + answer characters of every sample (``TextLengths``)."""
+        samples = (self[i] for i in range(self.size))  # drawing a problem takes ~0.2 ms
+        return [len(sample["prompt"]) + len(sample.get("answer") or "") for sample in samples]
+
 
 class SyntheticCaptions(Dataset):
     """``size`` captioned pictures (``mma.data.synthetic.make_caption``) as image-text training samples."""
@@ -64,6 +69,10 @@ class SyntheticCaptions(Dataset):
     def __getitem__(self, index: int) -> dict:
         image, caption = make_caption(self.seed, index, self.image_size)
         return {"prompt": CAPTION_PROMPT, "image": image, "answer": caption}
+
+    def text_lengths(self) -> list[int]:
+        """Prompt + caption characters of every sample (``TextLengths``)."""
+        return [len(CAPTION_PROMPT) + len(self[i]["answer"]) for i in range(self.size)]
 
 
 class SyntheticVQADataModule(MMADataModule):
@@ -81,7 +90,9 @@ class SyntheticVQADataModule(MMADataModule):
         answer_style: ``text`` answers with the option's text, ``letter`` with its letter.
         seed: seed of the problem streams.
         batch_size: training batch size.
-        eval_batch_size: problems per evaluation batch (each expands to one row per option).
+        group_by_length: batch training samples of similar prompt + answer length together (less padding; a
+            sample's loss is unchanged, only its batch mates are).
+        eval_batch_size: problems per evaluation batch (each problem's options are scored after its prompt).
         num_workers: DataLoader worker processes.
     """
 
@@ -98,8 +109,9 @@ class SyntheticVQADataModule(MMADataModule):
         batch_size: int = 8,
         eval_batch_size: int = 16,
         num_workers: int = 0,
+        group_by_length: bool = True,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, seed)
+        super().__init__(batch_size, eval_batch_size, num_workers, seed, group_by_length)
         if not 0 <= caption_fraction < 1:
             raise ConfigError(f"caption_fraction={caption_fraction} must be in [0, 1)")
         self.save_hyperparameters()

@@ -167,6 +167,14 @@ class EasyVQA(Dataset):
             "pid": q.pid,
         }
 
+    def text_lengths(self) -> list[int]:
+        """Prompt + answer characters of every question (``TextLengths``); no picture is read."""
+        lengths = []
+        for q in self.questions:
+            prompt, answers = prompt_and_answers(q, self.prompt_style)
+            lengths.append(len(prompt) + len(answers[OPTIONS[q.kind].index(q.answer)]))
+        return lengths
+
 
 class EasyVQADataModule(MMADataModule):
     """easy-VQA from the installed ``easy-vqa`` package; the test also runs over blank pictures (the blind
@@ -180,8 +188,10 @@ class EasyVQADataModule(MMADataModule):
         train_size: cap on training questions (a seeded subset); None takes all.
         seed: seed of the validation pictures, the subsets and the shuffling.
         batch_size: training batch size.
-        eval_batch_size: questions per evaluation batch (each expands to one row per option).
+        eval_batch_size: questions per evaluation batch (each question's options are scored after its prompt).
         num_workers: DataLoader worker processes.
+        group_by_length: batch training questions of similar prompt + answer length together (less padding; a
+            sample's loss is unchanged, only its batch mates are).
     """
 
     def __init__(
@@ -194,8 +204,9 @@ class EasyVQADataModule(MMADataModule):
         batch_size: int = 8,
         eval_batch_size: int = 16,
         num_workers: int = 0,
+        group_by_length: bool = True,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, seed)
+        super().__init__(batch_size, eval_batch_size, num_workers, seed, group_by_length)
         if prompt_style not in ("lavin", "llava"):
             raise ConfigError(f"prompt_style={prompt_style!r} must be 'lavin' or 'llava'")
         if not 1 <= val_images < TRAIN_IMAGES:

@@ -170,6 +170,11 @@ class ScienceQA(Dataset):
         target = scienceqa_output(self.prompt_format, answer, lecture, solution)
         return prompt, target, answer_candidates(p["choices"], self.answer_style)
 
+    def text_lengths(self) -> list[int]:
+        """Prompt + training target characters of every problem (``TextLengths``); no picture is read."""
+        texts = (self._texts(self.problems[pid]) for pid in self.pids)
+        return [len(prompt) + len(target) for prompt, target, _ in texts]
+
 
 # LLaVA's converter (haotian-liu/LLaVA scripts/convert_sqa_to_llava.py) writes a problem's input fields as
 # labelled lines in its format's order, e.g. QCM: the question (its ``Question: `` label dropped), ``Context: ``
@@ -360,6 +365,10 @@ class LLaVAScienceQA(Dataset):
             return {**sample, **evaluation, "candidates": answer_candidates(turn.options, self.answer_style)}
         return {**sample, **evaluation, "answer": None}
 
+    def text_lengths(self) -> list[int]:
+        """Human + gpt turn characters of every record (``TextLengths``); no picture is read."""
+        return [sum(len(turn["value"]) for turn in record["conversations"][:2]) for record in self.records]
+
 
 def check_settings(layout: str, prompt_format: str, evaluation: str, llava_style: str | None) -> None:
     """Refuse setting combinations that would evaluate something else than asked, before any data is read."""
@@ -403,6 +412,8 @@ class ScienceQADataModule(MMADataModule):
         eval_batch_size: evaluation batch size.
         num_workers: DataLoader worker processes.
         seed: seed of the shuffling and of the random fallback.
+        group_by_length: batch training problems of similar prompt + answer length together (less padding; a
+            sample's loss is unchanged, only its batch mates are).
     """
 
     def __init__(
@@ -426,8 +437,9 @@ class ScienceQADataModule(MMADataModule):
         eval_batch_size: int = 8,
         num_workers: int = 0,
         seed: int = 0,
+        group_by_length: bool = True,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, seed)
+        super().__init__(batch_size, eval_batch_size, num_workers, seed, group_by_length)
         self.save_hyperparameters()
         check_settings(layout, prompt_format, evaluation, llava_style)
         self.root = Path(root)

@@ -19,7 +19,7 @@ class ModelConfig:
         vit: the frozen image encoder.
         visual: visual tokens and projector.
         adapter: the adapter method and its settings: a settings class by name (``LaVIN``, ``LlamaAdapterV2``,
-            ``LoRA``, ``NoAdapter``) with ``init_args``, or a preset file (``adapters/lavin.yaml``).
+            ``LoRA``, ``MemVP``, ``NoAdapter``) with ``init_args``, or a preset file (``adapters/lavin.yaml``).
     """
 
     llm: LLMSpec = field(default_factory=LLMSpec)

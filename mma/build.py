@@ -1,5 +1,6 @@
 """Assemble a vision-language model from typed specs: load frozen backbones, attach one adapter method."""
 
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -19,7 +20,7 @@ class ModelConfig:
         vit: the frozen vision backbone (timm ViT or Hugging Face CLIP / DINOv2 / SigLIP).
         visual: visual tokens and projector.
         adapter: the adapter method and its settings: a settings class by name (``LaVIN``, ``LlamaAdapterV2``,
-            ``LoRA``, ``NoAdapter``) with ``init_args``, or a preset file (``adapters/lavin.yaml``).
+            ``LoRA``, ``MemVP``, ``NoAdapter``) with ``init_args``, or a preset file (``adapters/lavin.yaml``).
     """
 
     llm: LLMSpec = field(default_factory=LLMSpec)
@@ -53,13 +54,23 @@ def model_config_from_dict(data: dict) -> ModelConfig:
 def build_model(config: ModelConfig, device: str | torch.device = "cpu") -> VisionLanguageModel:
     """Backbones frozen, adapter attached, trainability set. ``device="meta"`` allocates no weights.
 
-    The adapter settings were checked when they were made; the sequence layout comes from them.
+    The adapter settings were checked when they were made; the sequence layout comes from them. The backbone
+    loaders seed the random generator with their own ``seed`` (so that random backbones are reproducible); that
+    stays inside them, so the projector's and the adapters' initialisation follows ``seed_everything``.
     """
     method = method_of(config.adapter)
-    llm, tokenizer = load_llm(config.llm, device)
-    tower = vision_tower(load_vit(config.vit, device), config.vit.image_size)
+    with _rng_kept():
+        llm, tokenizer = load_llm(config.llm, device)
+        tower = vision_tower(load_vit(config.vit, device), config.vit.image_size)
     layout, source = config.adapter.layout(), config.adapter.projector_source()
     model = VisionLanguageModel(llm, tokenizer, tower, config.visual, layout, source)
     method.attach(model, config.adapter)
     set_trainable_params(model)
     return model.train(False)
+
+
+def _rng_kept() -> AbstractContextManager:
+    """Restore the random generators' state on exit: the CPU's, and CUDA's on this process's device once CUDA runs
+    (an uninitialised CUDA is not started for it)."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+    return torch.random.fork_rng(devices=devices)

@@ -28,7 +28,8 @@ def merge_adapter(
     method = method_of(settings)
     if method.fold is None:
         mergeable = ", ".join(mergeable_adapters())
-        raise ConfigError(f"adapter {method.name!r} cannot be merged into the LLM; mergeable: {mergeable}")
+        reason = f": {settings.merge_refusal}" if settings.merge_refusal else ""
+        raise ConfigError(f"adapter {method.name!r} cannot be merged into the LLM{reason}; mergeable: {mergeable}")
     refuse_packed_weights(model.llm)
     with torch.no_grad():
         return method.fold(model, modality)

@@ -70,7 +70,7 @@ def test_state_dict_keys_are_stable(name):
 
 def test_unknown_adapter_and_setting_are_named():
     with pytest.raises(
-        ConfigError, match="unknown adapter 'lavinn'; registered adapters: lavin, llama-adapter-v2, lora, none"
+        ConfigError, match="unknown adapter 'lavinn'; registered adapters: lavin, llama-adapter-v2, lora, memvp, none"
     ):
         get_adapter("lavinn")
     with pytest.raises(ConfigError, match=r"adapter 'lavin' has no setting\(s\) \['rank'\]"):

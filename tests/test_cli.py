@@ -33,6 +33,14 @@ def test_lavin_trainable_parameters_match_the_paper(recipe, expected):
     assert sum(trainable for trainable, _ in counts.values()) == expected
 
 
+@pytest.mark.parametrize(("recipe", "expected"), [("memvp-7b", 3_870_848), ("memvp-13b", 5_477_504)])
+def test_memvp_trainable_parameters_match_the_authors_code(recipe, expected, capsys):
+    """The recipe headers derive the counts (paper: 3.9M / 5.5M); the authors' script prints 8,192 / 10,240 more
+    for a modality embedding that their forward never uses."""
+    main(["params", "--config", str(ROOT / "recipes" / "scienceqa" / f"{recipe}.yaml")])
+    assert f"trainable parameters: {expected:,} of" in capsys.readouterr().out
+
+
 def test_params_command_prints_the_count(capsys):
     main(["params", "--config", str(ROOT / "recipes" / "scienceqa" / "lavin-7b.yaml")])
     assert "trainable parameters: 3,781,296 of" in capsys.readouterr().out

@@ -15,7 +15,7 @@ from mma.cli import main
 from mma.errors import ConfigError
 from mma.parameters import count_parameters
 from mma.recipe import config_cli
-from mma.sweep import load_sweep, resolve_all
+from mma.sweep import load_sweep, resolve_all, write_report
 from mma.sweep.spec import SweepSpec, expand
 
 TINY = str(Path(__file__).parent / "sweep_fixtures" / "tiny.yaml")
@@ -142,3 +142,68 @@ def test_params_sweep_counts_without_training(tmp_path, monkeypatch):
         assert int(row["total"]) == sum(total for _, total in counts.values())
     assert "| lora |" in (tmp_path / "results.md").read_text()
     assert not list(tmp_path.rglob("adapter")) and not list(tmp_path.glob("*.png"))
+
+
+def test_seeds_repeat_every_run_and_grid_point():
+    spec = SweepSpec(recipe=TINY, runs=[{"name": "a"}], grid={"m.temperature": [1, 5]}, seeds=[0, 7])
+    points = expand(spec)
+    assert [p.name for p in points] == [
+        "a temperature=1 seed=0",
+        "a temperature=1 seed=7",
+        "a temperature=5 seed=0",
+        "a temperature=5 seed=7",
+    ]
+    assert [(p.group, p.seed) for p in points[:2]] == [("a temperature=1", 0), ("a temperature=1", 7)]
+    assert points[1].settings == {"m.temperature": 1, "seed_everything": 7}
+    with pytest.raises(ConfigError, match="run 'b' sets seed_everything, which the sweep's seeds set"):
+        expand(SweepSpec(recipe=TINY, runs=[{"name": "b", "seed_everything": 3}], seeds=[0]))
+
+
+@pytest.mark.parametrize("seeds", [[0, 0], ["one"], 3])
+def test_seeds_must_be_distinct_integers(tmp_path, seeds):
+    with pytest.raises(ConfigError, match="seeds must be a list of distinct integers"):
+        load_sweep(_sweep(tmp_path, seeds=seeds))
+
+
+def _seeded_rows(name: str, accuracies: list[float], step: float = 1.0) -> list[dict]:
+    return [
+        {"name": f"{name} seed={seed}", "run": name, "seed": seed, "trainable": 1000, "test/all": accuracy}
+        | {"step_time_s": step + 0.2 * seed}
+        for seed, accuracy in enumerate(accuracies)
+    ]
+
+
+def test_report_gives_mean_sd_and_n_and_marks_differences_within_the_spread(tmp_path):
+    """82.0 ± 2.0 is the reference; +4.0 against sds 1.0 + 2.0 is outside the spread, +1.0 against 2.0 + 2.0
+    inside, and one seed has no spread."""
+    rows = [
+        *_seeded_rows("base", [0.80, 0.82, 0.84]),
+        *_seeded_rows("far", [0.85, 0.86, 0.87]),
+        *_seeded_rows("near", [0.81, 0.83, 0.85]),
+        *_seeded_rows("single", [0.90]),
+    ]
+    spec = SweepSpec(recipe=TINY, baseline="base", plot_metrics=["test/all"], seeds=[0, 1, 2])
+    write_report(rows, spec, tmp_path)
+    table = (tmp_path / "results.md").read_text()
+    assert "| name | n | trainable | all (%) | step (s) | step ratio |" in table
+    assert "| base | 3 | 1,000 | 82.0 ± 2.0 | 1.2 ± 0.2 | 1 ± 0.1667 |" in table
+    assert "| single | 1 | 1,000 | 90.0 | 1 | 0.8333 |" in table
+    assert "| far | 3 | +4.0 |" in table and "| near | 3 | +1.0 ~ |" in table and "| single | 1 | +8.0 ? |" in table
+    assert "| base | 3 | reference |" in table
+    assert len(_rows(tmp_path)) == 10  # results.csv keeps every seed's run
+    for plot in ("accuracy_vs_params.png", "accuracy_vs_step_time.png"):
+        assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_seeded_sweep_trains_each_seed_and_reports_the_spread(tmp_path):
+    path = _sweep(tmp_path, overrides={"trainer.max_steps": 2}, seeds=[0, 1], plot_metrics=["test/image"])
+    main(["sweep", str(path)])
+    rows = _rows(tmp_path)
+    assert [(row["name"], row["run"], row["seed"]) for row in rows] == [
+        ("base seed=0", "base", "0"),
+        ("base seed=1", "base", "1"),
+    ]
+    runs = resolve_all(load_sweep(path))
+    assert [run.config["seed_everything"] for run in runs] == [0, 1]
+    assert rows[0]["train/loss"] != rows[1]["train/loss"]  # the seed changed the projector's initialisation
+    assert "| base | 2 |" in (tmp_path / "results.md").read_text()

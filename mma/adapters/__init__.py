@@ -21,6 +21,7 @@ from mma.adapters.base import (
 from mma.adapters.lavin import LaVIN
 from mma.adapters.llama_adapter_v2 import LlamaAdapterV2
 from mma.adapters.lora import LoRA
+from mma.adapters.memvp import MemVP
 from mma.adapters.none import NoAdapter
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "LaVIN",
     "LlamaAdapterV2",
     "LoRA",
+    "MemVP",
     "NoAdapter",
     "SourceBound",
     "WrapsModule",

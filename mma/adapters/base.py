@@ -80,7 +80,8 @@ def generation_caches(model: nn.Module) -> Iterator[None]:
 # the adapter modules bound to that source, plus those of modules bound to none.
 CAPTION, INSTRUCTION = "caption", "instruction"
 # Keyword arguments that carry the visual tokens (B, n_vis, d) and the has-image flags (B,) through the LLM's
-# forward to the attention modules of early-fusion adapters (see ``mma.model``).
+# forward to its decoder layers, where adapters read them (early-fusion attention, MemVP's FFN memory; see
+# ``mma.model``).
 VISUAL_TOKENS, HAS_IMAGE = "mma_visual_tokens", "mma_has_image"
 
 
@@ -90,6 +91,8 @@ class AdapterSettings:
     fails when parsed, before any weight loads."""
 
     name: ClassVar[str] = ""
+    # Why a method without a fold cannot be merged, for ``mma merge``'s refusal ("" says nothing more).
+    merge_refusal: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
         self.validate()

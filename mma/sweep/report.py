@@ -1,7 +1,13 @@
-"""A sweep's results: every run's metrics in ``results.csv``, the main ones in ``results.md``, and two plots."""
+"""A sweep's results: every run's metrics in ``results.csv``, the main ones in ``results.md``, and two plots.
+
+A sweep with ``seeds`` reports each run over its seeds: mean ± standard deviation and n in ``results.md`` and as
+error bars in the plots, and a comparison with the baseline that marks differences smaller than the spread.
+"""
 
 import csv
 import math
+import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 from mma.sweep.spec import SweepSpec
@@ -50,12 +56,45 @@ LABELS = {
 ACCURACY_PREFIXES = ("test/", "blind/", "val/")
 
 
+@dataclass
+class Group:
+    """The rows of one run of the sweep file: one per seed (a single row without seeds)."""
+
+    name: str
+    rows: list[dict]
+
+    def values(self, key: str) -> list[float]:
+        """The finite numbers the rows hold under ``key``."""
+        found = [row.get(key) for row in self.rows]
+        return [v for v in found if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)]
+
+    def mean(self, key: str) -> float | None:
+        values = self.values(key)
+        return statistics.fmean(values) if values else None
+
+    def sd(self, key: str) -> float | None:
+        """Sample standard deviation over the seeds; None below two values."""
+        values = self.values(key)
+        return statistics.stdev(values) if len(values) > 1 else None
+
+
+def group_rows(rows: list[dict]) -> list[Group]:
+    """Rows grouped by the run they repeat (``run``; the row's own name without seeds), in order of appearance."""
+    groups: dict[str, Group] = {}
+    for row in rows:
+        name = row.get("run", row["name"])
+        groups.setdefault(name, Group(name, [])).rows.append(row)
+    return list(groups.values())
+
+
 def with_step_ratio(rows: list[dict], baseline: str | None) -> list[dict]:
-    """Rows with ``step_time_ratio``: step time over the baseline run's, when the sweep names one."""
-    base = next((row for row in rows if row["name"] == baseline), None)
-    if base is None or "step_time_s" not in base:
+    """Rows with ``step_time_ratio``: step time over the baseline run's (its mean over seeds), when the sweep
+    names one."""
+    base = next((group for group in group_rows(rows) if group.name == baseline), None)
+    mean = base.mean("step_time_s") if base is not None else None
+    if mean is None:
         return rows
-    return [{**row, "step_time_ratio": row["step_time_s"] / base["step_time_s"]} for row in rows]
+    return [{**row, "step_time_ratio": row["step_time_s"] / mean} for row in rows]
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -91,17 +130,78 @@ def markdown_table(rows: list[dict], mode: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], metrics: list[str], x: str, xlabel: str, path: Path, log_x: bool = False) -> None:
-    """Each metric (an accuracy) against ``x``, one labelled point per run."""
+def spread_cell(key: str, values: list[float]) -> str:
+    """``mean ± sd`` over the seeds; a lone value, or a count every seed agrees on, as ``cell`` writes it."""
+    if not values:
+        return "-"
+    if len(values) == 1 or (len(set(values)) == 1 and all(isinstance(v, int) for v in values)):
+        return cell(key, values[0])
+    return f"{cell(key, statistics.fmean(values))} ± {cell(key, statistics.stdev(values))}"
+
+
+def seeded_table(groups: list[Group], mode: str) -> str:
+    """The mode's main columns, each run's mean ± standard deviation over its seeds and their number n."""
+    columns = [c for c in COLUMNS[mode][1:] if any(group.values(c) for group in groups)]
+    lines = [
+        "| " + " | ".join(["name", "n", *(LABELS.get(c, c) for c in columns)]) + " |",
+        "|---|" + "|".join("---:" for _ in range(len(columns) + 1)) + "|",
+    ]
+    for group in groups:
+        cells = [group.name, str(len(group.rows)), *(spread_cell(c, group.values(c)) for c in columns)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def difference(group: Group, reference: Group, metric: str) -> str:
+    """``+1.2`` percentage points from the reference's mean; `` ~`` when smaller than the spread (the ± sd bars
+    overlap: |difference| < sd + sd of the reference), `` ?`` when either has a single seed."""
+    mean, base = group.mean(metric), reference.mean(metric)
+    if mean is None or base is None:
+        return "-"
+    sd, base_sd = group.sd(metric), reference.sd(metric)
+    if sd is None or base_sd is None:
+        mark = " ?"
+    else:
+        mark = " ~" if abs(mean - base) < sd + base_sd else ""
+    return f"{100 * (mean - base):+.1f}{mark}"
+
+
+def comparison_table(groups: list[Group], metrics: list[str], baseline: str | None) -> str:
+    """Every run against the baseline (else the first run) on each plotted metric it has; empty without any."""
+    metrics = [m for m in metrics if any(group.values(m) for group in groups)]
+    if not metrics or len(groups) < 2:
+        return ""
+    reference = next((g for g in groups if g.name == baseline), groups[0])
+    lines = [
+        f"Difference from **{reference.name}** in percentage points, means over seeds. `~`: smaller than the spread "
+        "(|difference| < the two standard deviations added: the ± sd bars overlap), no evidence of a difference; "
+        "`?`: a run with one seed has no spread.",
+        "",
+        "| " + " | ".join(["name", "n", *(f"Δ {LABELS.get(m, m)}" for m in metrics)]) + " |",
+        "|---|" + "|".join("---:" for _ in range(len(metrics) + 1)) + "|",
+    ]
+    for group in groups:
+        cells = ["reference" if group is reference else difference(group, reference, m) for m in metrics]
+        lines.append("| " + " | ".join([group.name, str(len(group.rows)), *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(groups: list[Group], metrics: list[str], x: str, xlabel: str, path: Path, log_x: bool = False) -> None:
+    """Each metric (an accuracy) against ``x``, one labelled point per run: the mean over its seeds with ± sd
+    error bars on both axes (none for a single seed)."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(7, 4.5), layout="constrained")
     axes = figure.add_subplot()
     for metric in metrics:
-        points = [(row[x], 100 * row[metric], row["name"]) for row in rows if x in row and metric in row]
-        axes.scatter([p[0] for p in points], [p[1] for p in points], label=LABELS.get(metric, metric))
-        for px, py, name in points:
-            axes.annotate(name, (px, py), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        shown = [g for g in groups if g.values(x) and g.values(metric)]
+        xs, ys = [g.mean(x) for g in shown], [100 * g.mean(metric) for g in shown]
+        x_err = [g.sd(x) or 0.0 for g in shown]
+        y_err = [100 * (g.sd(metric) or 0.0) for g in shown]
+        axes.errorbar(xs, ys, yerr=y_err, xerr=x_err, fmt="o", capsize=3, label=LABELS.get(metric, metric))
+        for px, py, group in zip(xs, ys, shown, strict=True):
+            label = group.name if len(group.rows) == 1 else f"{group.name} (n={len(group.rows)})"
+            axes.annotate(label, (px, py), fontsize=7, xytext=(3, 3), textcoords="offset points")
     axes.set_xscale("log" if log_x else "linear")
     axes.set_xlabel(xlabel)
     axes.set_ylabel("accuracy (%)")
@@ -114,9 +214,14 @@ def write_report(rows: list[dict], spec: SweepSpec, root: Path) -> str:
     """Write ``results.csv``, ``results.md`` and, for trained runs, the plots under ``root``; return the table."""
     rows = with_step_ratio(rows, spec.baseline)
     write_csv(rows, root / "results.csv")
-    table = markdown_table(rows, spec.mode)
+    groups = group_rows(rows)
+    if any("seed" in row for row in rows):
+        comparison = comparison_table(groups, spec.plot_metrics, spec.baseline)
+        table = seeded_table(groups, spec.mode) + (f"\n{comparison}" if comparison else "")
+    else:
+        table = markdown_table(rows, spec.mode)
     (root / "results.md").write_text(table)
     if spec.mode == "train":
-        plot(rows, spec.plot_metrics, "trainable", "trainable parameters", root / "accuracy_vs_params.png", True)
-        plot(rows, spec.plot_metrics, "step_time_s", "training step time (s)", root / "accuracy_vs_step_time.png")
+        plot(groups, spec.plot_metrics, "trainable", "trainable parameters", root / "accuracy_vs_params.png", True)
+        plot(groups, spec.plot_metrics, "step_time_s", "training step time (s)", root / "accuracy_vs_step_time.png")
     return table

@@ -155,6 +155,8 @@ def execute(run: Run, folder: Path, mode: str) -> dict:
     folder.mkdir(parents=True)
     (folder / CONFIG_FILE).write_text(yaml.safe_dump(run.config, sort_keys=False))
     metrics = {"name": run.name, "key": run.key, "recipe": run.recipe}
+    if run.seed is not None:
+        metrics.update(run=run.group, seed=run.seed)
     metrics.update(count(run, folder) if mode == "params" else train(run, folder))
     (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     (folder / DONE_FILE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))

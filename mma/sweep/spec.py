@@ -36,8 +36,13 @@ class SweepSpec:
         overrides: keys set in every run.
         runs: named runs, each ``{name: ..., <key>: value, ...}``; without any, one run named ``base``.
         grid: key -> list of values; every run is crossed with every combination.
-        baseline: name of the run whose training step time ``step_time_ratio`` divides by.
+        baseline: name of the run whose training step time ``step_time_ratio`` divides by (and, with seeds, the
+            run the others are compared with).
         plot_metrics: metrics drawn against trainable parameters and against step time.
+        seeds: repeat every run once per seed, named ``<run> seed=N``, with ``seed_everything: N``: the adapters'
+            and projector's initialisation and dropout change, the data does not (its own ``seed`` stays the
+            recipe's: on the synthetic task it draws the problems, test set included, so it would mix test-set
+            sampling into the spread). ``results.md`` then shows each run's mean, standard deviation and n.
     """
 
     recipe: str | None = None
@@ -47,26 +52,33 @@ class SweepSpec:
     grid: dict[str, list] = field(default_factory=dict)
     baseline: str | None = None
     plot_metrics: list[str] = field(default_factory=lambda: ["test/all"])
+    seeds: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class Point:
-    """One run of a sweep before it is checked: its name, base recipe and overrides in the order they apply."""
+    """One run of a sweep before it is checked: its name, base recipe and overrides in the order they apply;
+    ``group`` is the name without the seed, ``seed`` the sweep's seed (None: the sweep has no ``seeds``)."""
 
     name: str
     recipe: str
     settings: dict[str, Any]
+    group: str = ""
+    seed: int | None = None
 
 
 @dataclass(frozen=True)
 class Run:
-    """A checked run: ``args`` reproduce it with ``mma fit --config RECIPE ARGS``; ``key`` names its folder."""
+    """A checked run: ``args`` reproduce it with ``mma fit --config RECIPE ARGS``; ``key`` names its folder;
+    ``group`` and ``seed`` as the ``Point``'s."""
 
     name: str
     recipe: str
     args: list[str]
     config: dict
     key: str
+    group: str = ""
+    seed: int | None = None
 
 
 def load_sweep(path: str | Path) -> SweepSpec:
@@ -82,6 +94,9 @@ def load_sweep(path: str | Path) -> SweepSpec:
         raise ConfigError(f"sweep {path}: mode {spec.mode!r} is not one of {MODES}")
     if not all(isinstance(values, list) and values for values in spec.grid.values()):
         raise ConfigError(f"sweep {path}: every grid key needs a non-empty list of values")
+    seeds = spec.seeds
+    if not isinstance(seeds, list) or not all(type(s) is int for s in seeds) or len(set(seeds)) < len(seeds):
+        raise ConfigError(f"sweep {path}: seeds must be a list of distinct integers, got {seeds!r}")
     return spec
 
 
@@ -105,11 +120,23 @@ def expand(spec: SweepSpec) -> list[Point]:
         recipe = settings.pop("recipe", spec.recipe)
         if recipe is None:
             raise ConfigError(f"run {name!r} has no recipe: set 'recipe' at the top or in the run")
-        points.append(Point(name, str(recipe), settings))
+        points.extend(seeded(Point(name, str(recipe), settings, name), spec.seeds))
     names = [p.name for p in points]
     if duplicates := sorted({n for n in names if names.count(n) > 1}):
         raise ConfigError(f"run names repeat: {duplicates}")
     return points
+
+
+def seeded(point: Point, seeds: list[int]) -> list[Point]:
+    """``point`` once per seed, named ``<name> seed=N`` with ``seed_everything: N``; itself without seeds."""
+    if not seeds:
+        return [point]
+    if "seed_everything" in point.settings:
+        raise ConfigError(f"run {point.name!r} sets seed_everything, which the sweep's seeds set")
+    return [
+        Point(f"{point.name} seed={seed}", point.recipe, {**point.settings, "seed_everything": seed}, point.name, seed)
+        for seed in seeds
+    ]
 
 
 def cli_value(value: Any) -> str:
@@ -145,7 +172,7 @@ def resolve(point: Point) -> Run:
             f"run {point.name!r}: a sweep runs its runs in one process; run multi-process strategies with mma fit"
         )
     config = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))
-    return Run(point.name, point.recipe, args, config, config_key(config))
+    return Run(point.name, point.recipe, args, config, config_key(config), point.group or point.name, point.seed)
 
 
 def config_key(config: dict) -> str:
@@ -174,6 +201,6 @@ def resolve_all(spec: SweepSpec) -> list[Run]:
     keys = [run.key for run in runs]
     if same := sorted({run.name for run in runs if keys.count(run.key) > 1}):
         raise ConfigError(f"runs {same} resolve to the same config")
-    if spec.baseline is not None and spec.baseline not in {run.name for run in runs}:
+    if spec.baseline is not None and spec.baseline not in {run.group for run in runs}:
         raise ConfigError(f"baseline {spec.baseline!r} is not the name of a run")
     return runs

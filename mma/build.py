@@ -1,6 +1,5 @@
 """Assemble a vision-language model from typed specs: load frozen backbones, attach one adapter method."""
 
-from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -21,19 +20,22 @@ class ModelConfig:
         visual: visual tokens and projector.
         adapter: the adapter method and its settings: a settings class by name (``LaVIN``, ``LlamaAdapterV2``,
             ``LoRA``, ``MemVP``, ``NoAdapter``) with ``init_args``, or a preset file (``adapters/lavin.yaml``).
+        seed: seed of the projector's and the adapters' initialisation (seeded sweeps vary it); None continues the
+            random generator as the backbone loaders leave it.
     """
 
     llm: LLMSpec = field(default_factory=LLMSpec)
     vit: ViTSpec = field(default_factory=ViTSpec)
     visual: VisualConfig = field(default_factory=VisualConfig)
     adapter: AdapterSettings = field(default_factory=LaVIN)
+    seed: int | None = None
 
 
 def model_config_dict(config: ModelConfig) -> dict:
     """Plain data of ``config`` (the adapter as ``class_path``/``init_args``): what checkpoints and exported
     adapters store, and what the CLI parses back."""
     plain = {name: asdict(getattr(config, name)) for name in ("llm", "vit", "visual")}
-    return {**plain, "adapter": settings_spec(config.adapter)}
+    return {**plain, "adapter": settings_spec(config.adapter), "seed": config.seed}
 
 
 def model_config_from_dict(data: dict) -> ModelConfig:
@@ -46,6 +48,7 @@ def model_config_from_dict(data: dict) -> ModelConfig:
             vit=ViTSpec(**data["vit"]),
             visual=VisualConfig(**data["visual"]),
             adapter=settings_from_spec(adapter),
+            seed=data.get("seed"),
         )
     except (KeyError, TypeError) as err:
         raise ConfigError(f"model settings cannot be read: {err}") from None
@@ -54,23 +57,15 @@ def model_config_from_dict(data: dict) -> ModelConfig:
 def build_model(config: ModelConfig, device: str | torch.device = "cpu") -> VisionLanguageModel:
     """Backbones frozen, adapter attached, trainability set. ``device="meta"`` allocates no weights.
 
-    The adapter settings were checked when they were made; the sequence layout comes from them. The backbone
-    loaders seed the random generator with their own ``seed`` (so that random backbones are reproducible); that
-    stays inside them, so the projector's and the adapters' initialisation follows ``seed_everything``.
+    The adapter settings were checked when they were made; the sequence layout comes from them.
     """
     method = method_of(config.adapter)
-    with _rng_kept():
-        llm, tokenizer = load_llm(config.llm, device)
-        tower = vision_tower(load_vit(config.vit, device), config.vit.image_size)
+    llm, tokenizer = load_llm(config.llm, device)
+    tower = vision_tower(load_vit(config.vit, device), config.vit.image_size)
     layout, source = config.adapter.layout(), config.adapter.projector_source()
+    if config.seed is not None:  # after the loaders, which seed the generator for random backbones
+        torch.manual_seed(config.seed)
     model = VisionLanguageModel(llm, tokenizer, tower, config.visual, layout, source)
     method.attach(model, config.adapter)
     set_trainable_params(model)
     return model.train(False)
-
-
-def _rng_kept() -> AbstractContextManager:
-    """Restore the random generators' state on exit: the CPU's, and CUDA's on this process's device once CUDA runs
-    (an uninitialised CUDA is not started for it)."""
-    devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
-    return torch.random.fork_rng(devices=devices)

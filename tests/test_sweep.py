@@ -154,7 +154,7 @@ def test_seeds_repeat_every_run_and_grid_point():
         "a temperature=5 seed=7",
     ]
     assert [(p.group, p.seed) for p in points[:2]] == [("a temperature=1", 0), ("a temperature=1", 7)]
-    assert points[1].settings == {"m.temperature": 1, "seed_everything": 7}
+    assert points[1].settings == {"m.temperature": 1, "seed_everything": 7, "model.model.seed": 7}
     with pytest.raises(ConfigError, match="run 'b' sets seed_everything, which the sweep's seeds set"):
         expand(SweepSpec(recipe=TINY, runs=[{"name": "b", "seed_everything": 3}], seeds=[0]))
 

@@ -39,10 +39,10 @@ class SweepSpec:
         baseline: name of the run whose training step time ``step_time_ratio`` divides by (and, with seeds, the
             run the others are compared with).
         plot_metrics: metrics drawn against trainable parameters and against step time.
-        seeds: repeat every run once per seed, named ``<run> seed=N``, with ``seed_everything: N``: the adapters'
-            and projector's initialisation and dropout change, the data does not (its own ``seed`` stays the
-            recipe's: on the synthetic task it draws the problems, test set included, so it would mix test-set
-            sampling into the spread). ``results.md`` then shows each run's mean, standard deviation and n.
+        seeds: repeat every run once per seed, named ``<run> seed=N``, with ``seed_everything: N`` and
+            ``model.model.seed: N``: the adapters' and projector's initialisation and dropout change, the data does
+            not (its own ``seed`` stays the recipe's: on the synthetic task it draws the problems, test set
+            included, so it would mix test-set sampling into the spread). ``results.md`` then shows each run's mean, standard deviation and n.
     """
 
     recipe: str | None = None
@@ -134,7 +134,13 @@ def seeded(point: Point, seeds: list[int]) -> list[Point]:
     if "seed_everything" in point.settings:
         raise ConfigError(f"run {point.name!r} sets seed_everything, which the sweep's seeds set")
     return [
-        Point(f"{point.name} seed={seed}", point.recipe, {**point.settings, "seed_everything": seed}, point.name, seed)
+        Point(
+            f"{point.name} seed={seed}",
+            point.recipe,
+            {**point.settings, "seed_everything": seed, "model.model.seed": seed},
+            point.name,
+            seed,
+        )
         for seed in seeds
     ]
 

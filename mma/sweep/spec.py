@@ -42,7 +42,8 @@ class SweepSpec:
         seeds: repeat every run once per seed, named ``<run> seed=N``, with ``seed_everything: N`` and
             ``model.model.seed: N``: the adapters' and projector's initialisation and dropout change, the data does
             not (its own ``seed`` stays the recipe's: on the synthetic task it draws the problems, test set
-            included, so it would mix test-set sampling into the spread). ``results.md`` then shows each run's mean, standard deviation and n.
+            included, so it would mix test-set sampling into the spread). ``results.md`` then shows each run's
+            mean, standard deviation and n.
     """
 
     recipe: str | None = None

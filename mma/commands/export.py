@@ -16,7 +16,7 @@ import torch
 
 from mma.adapters import adapter_parameter_names
 from mma.build import build_model, model_config_from_dict
-from mma.checkpoint import check_names, save_adapter
+from mma.checkpoint import check_names, check_replaceable, save_adapter
 from mma.errors import AdapterError
 from mma.model import VisionLanguageModel
 from mma.peft_format import save_peft_lora
@@ -75,6 +75,8 @@ def export_checkpoint(
 ) -> Path:
     """Rebuild the checkpoint's model, load its trainable weights and save them as an adapter folder (and, for
     LoRA, also in peft's folder format at ``peft_out``)."""
+    for folder in filter(None, (out, peft_out)):
+        check_replaceable(folder, overwrite)
     checkpoint = read_checkpoint(ckpt)
     hyper = checkpoint["hyper_parameters"]
     config = model_config_from_dict(hyper["model"])
@@ -108,7 +110,7 @@ def export_command(argv: list[str]) -> None:
     parser.add_argument("--ckpt", required=True, help="Lightning checkpoint written by mma fit")
     parser.add_argument("--out", required=True, help="adapter folder to write (must not exist)")
     parser.add_argument("--license", default="unknown", help="licence of the adapter weights, for the card")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace a folder an earlier export or merge wrote")
     parser.add_argument("--peft", help="LoRA only: also write the LLM's LoRA in peft's folder format here")
     args = parser.parse_args(argv)
     peft_out = Path(args.peft) if args.peft else None

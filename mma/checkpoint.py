@@ -59,6 +59,20 @@ def adapter_weights(model: VisionLanguageModel) -> dict[str, torch.Tensor]:
     return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if name in trainable}
 
 
+def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the tensors that hold a NaN or an infinity (one device sync for all of them)."""
+    if not tensors:
+        return []
+    finite = torch.stack([torch.isfinite(t).all() for t in tensors.values()]).tolist()
+    return [name for name, ok in zip(tensors, finite, strict=True) if not ok]
+
+
+def refuse_non_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """A NaN or infinite weight is never written or loaded: it would poison every output silently."""
+    if bad := non_finite(tensors):
+        raise AdapterError(f"{source} holds non-finite values (NaN or inf) in {len(bad)} tensor(s): {_listing(bad, 5)}")
+
+
 def prompt_format(model: VisionLanguageModel, max_length: int) -> dict:
     """How samples become token sequences for this model: what a caller must reproduce to ask it anything."""
     return {
@@ -88,6 +102,7 @@ def save_adapter(
     ``recipe`` (the run's YAML) describe the run on the card.
     """
     tensors = adapter_weights(model)
+    refuse_non_finite(tensors, "the model to save")
 
     def write(folder: Path) -> None:
         (folder / WEIGHTS_FILE).write_bytes(save(tensors, metadata={"format": "pt", "mma_format": FORMAT}))
@@ -249,6 +264,7 @@ def load_adapter(
         raise AdapterError(f"{weights} is corrupted or was changed after export (its hash differs from {CONFIG_FILE})")
     check_backbones(saved, model, model_config, folder, ignore_fingerprint)
     tensors = load_file(weights)
+    refuse_non_finite(tensors, str(weights))
     with torch.no_grad():
         for name in expected:
             params[name].copy_(tensors[name])

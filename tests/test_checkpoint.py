@@ -23,6 +23,7 @@ from mma.checkpoint import (
     WRITTEN_MARKER,
     AdapterSource,
     adapter_weights,
+    file_sha256,
     load_adapter,
     load_model,
     save_adapter,
@@ -167,6 +168,30 @@ def test_damaged_weights_fail_cleanly(damage, message, tmp_path):
     with pytest.raises(AdapterError, match=message):
         load_adapter(fresh, folder)
     assert all(torch.equal(adapter_weights(fresh)[k], v) for k, v in before.items())  # nothing half-loaded
+
+
+def test_non_finite_weights_are_never_saved_loaded_or_exported(tmp_path, capsys):
+    model, folder = _exported(tmp_path)
+    name = "projector.net.0.weight"
+    with torch.no_grad():
+        dict(model.named_parameters())[name][0, 0] = float("inf")
+    with pytest.raises(AdapterError, match=rf"holds non-finite values \(NaN or inf\) in 1 tensor\(s\): \[{name}\]"):
+        save_adapter(model, tiny_config(), tmp_path / "broken")
+    _rewrite_weights(folder, lambda t: t[name].fill_(float("nan")))
+    saved = json.loads((folder / CONFIG_FILE).read_text())
+    saved["weights"]["sha256"] = file_sha256(folder / WEIGHTS_FILE)  # a consistent folder, NaN and all
+    (folder / CONFIG_FILE).write_text(json.dumps(saved))
+    with pytest.raises(AdapterError, match=rf"{WEIGHTS_FILE} holds non-finite values"):
+        load_adapter(tiny_model(), folder)
+    _, ckpt = _trained_checkpoint(tmp_path / "run")
+    checkpoint = torch.load(ckpt, weights_only=True)
+    checkpoint["state_dict"][f"model.{name}"].fill_(float("nan"))
+    torch.save(checkpoint, ckpt)
+    with pytest.raises(SystemExit):
+        main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "exported")])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"holds non-finite values (NaN or inf) in 1 tensor(s): [{name}]" in err
+    assert not (tmp_path / "exported").exists()
 
 
 class _Payload:

@@ -201,3 +201,33 @@ def test_backbones_stay_in_eval_during_a_lightning_fit(adapter):
     trainer = tiny_trainer(max_steps=3, val_check_interval=2, limit_val_batches=1, callbacks=[check])
     trainer.fit(module, datamodule=data)
     assert check.checked == 3
+
+
+def test_a_diverging_run_never_writes_a_non_finite_checkpoint(tmp_path):
+    """With lr 1e3 an optimizer step breaks the weights while its loss was finite: the run stops at that step,
+    and every checkpoint on disk (one per step) holds only finite tensors."""
+    with pytest.raises(TrainingDiverged, match=r"optimizer step 5 left \d+ trainable tensor\(s\) non-finite"):
+        _run(tmp_path, max_steps=8, lr=1e3, callbacks=[_every_step(tmp_path)])
+    saved = sorted(p.name for p in tmp_path.glob("*.ckpt"))
+    assert saved == ["last.ckpt", "step=1.ckpt", "step=2.ckpt", "step=3.ckpt", "step=4.ckpt"]
+    for name in saved:
+        state = torch.load(tmp_path / name, weights_only=True)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values()), name
+
+
+class _PoisonBeforeSave(Callback):
+    """Turns one adapter weight into NaN after optimizer step ``step``, before the checkpoint callback runs."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                module.model.projector.net[0].weight.fill_(float("nan"))
+
+
+def test_a_checkpoint_with_a_non_finite_weight_is_never_written(tmp_path):
+    with pytest.raises(TrainingDiverged, match="refusing to save a checkpoint at step 2: 1 trainable tensor"):
+        _run(tmp_path, max_steps=4, callbacks=[_PoisonBeforeSave(2), _every_step(tmp_path)])
+    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["last.ckpt", "step=1.ckpt"]

@@ -16,7 +16,7 @@ import torch
 
 from mma.adapters import adapter_parameter_names
 from mma.build import build_model, model_config_from_dict
-from mma.checkpoint import check_names, check_replaceable, save_adapter
+from mma.checkpoint import check_names, check_replaceable, refuse_non_finite, save_adapter
 from mma.errors import AdapterError
 from mma.model import VisionLanguageModel
 from mma.peft_format import save_peft_lora
@@ -43,6 +43,7 @@ def load_trainable(model: VisionLanguageModel, state_dict: dict[str, torch.Tenso
     weights = {name.removeprefix("model."): tensor for name, tensor in state_dict.items()}
     expected = adapter_parameter_names(model)
     check_names(expected, set(weights), source)
+    refuse_non_finite(weights, source)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name in expected:

@@ -5,11 +5,25 @@ for the commands, the sweeps and the benchmarks alike (the library never imports
 """
 
 import lightning as L
+from jsonargparse import ArgumentError
 from lightning.pytorch.callbacks import RichProgressBar
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from mma.callbacks import PredictionWriter
+from mma.errors import ConfigError
 from mma.module import MMAModule
+
+# Parse errors raise (``ConfigError``, one line) instead of printing the whole usage first.
+_RAISE = {"exit_on_error": False}
+# Lines of a jsonargparse union error that list the alternatives nobody meant (``Expected a <class 'bool'>``).
+_UNION_NOISE = ("Does not validate against any of the Union", "Subtypes:", "Errors:", "Given value", "- Expected")
+
+
+def one_line(message: str) -> str:
+    """jsonargparse's nested error message on one line, without a union's unmeant alternatives and repeats."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    kept = [line for line in lines if not line.startswith(_UNION_NOISE)]
+    return " ".join(dict.fromkeys(kept if len(kept) > 1 else lines))
 
 
 class MMACLI(LightningCLI):
@@ -24,10 +38,20 @@ class MMACLI(LightningCLI):
             trainer_defaults={
                 "callbacks": [RichProgressBar(leave=True), PredictionWriter()],
                 "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
+                "default_root_dir": "runs",  # git-ignored; with `logger: false` too, nothing lands in the cwd
             },
+            parser_kwargs={**_RAISE, **{command: _RAISE for command in LightningCLI.subcommands()}},
             args=args,
             run=run,
         )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: list[str] | None) -> None:
+        """A parse error is one ``ConfigError``: jsonargparse's message and where the options are listed."""
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            command = next((a for a in args or [] if a in self.subcommands()), "fit")
+            raise ConfigError(f"{one_line(str(err))} (see mma {command} --help)") from None
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> L.Trainer:
         """The default Rich progress bar steps aside when the recipe turns progress bars off (Lightning refuses a

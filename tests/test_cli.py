@@ -8,7 +8,7 @@ import pytest
 
 from mma.adapters import AdapterSettings
 from mma.build import build_model
-from mma.cli import main
+from mma.cli import LIGHTNING_COMMANDS, SUBCOMMANDS, main
 from mma.parameters import count_parameters
 from mma.recipe import config_cli
 
@@ -114,3 +114,44 @@ def test_progress_bar_can_be_turned_off():
 def test_missing_preset_is_named():
     result = _mma("params", "--config", "recipes/demo.yaml", "--model.model.adapter", "adapters/nope.yaml")
     assert result.returncode != 0 and "adapters/nope.yaml" in result.stderr
+
+
+def test_help_version_and_own_commands_help_load_no_heavy_library():
+    """`mma --help`, `--version` and `mma <own command> --help` answer without importing torch or Lightning."""
+    commands = [["--help"], ["--version"], *([name, "--help"] for name in SUBCOMMANDS)]
+    code = (
+        "import sys, contextlib, io\nfrom mma.cli import main\n"
+        f"for argv in {commands!r}:\n"
+        "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n        main(argv)\n"
+        "print(sorted(m for m in ('torch', 'lightning', 'transformers') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.stdout.strip() == "[]", result.stderr
+
+
+def test_help_lists_every_command_and_an_unknown_one_is_named():
+    listed = _mma("--help").stdout
+    assert all(f"  {name} " in listed for name in [*LIGHTNING_COMMANDS, *SUBCOMMANDS])
+    result = _mma("fitt", "--config", "recipes/demo.yaml")
+    assert result.returncode == 2
+    assert result.stderr == (
+        "mma: error: unknown command 'fitt'; commands: fit, validate, test, predict, params, demo, export, ask, "
+        "merge, sweep (see mma --help)\n"
+    )
+
+
+NOISE = ("Seed set", "GPU available", "TPU available", "Tip:", "LeafSpec", "args parameter", "kernels-community")
+
+
+def test_fit_prints_mma_lines_only_and_leaves_the_working_directory_clean(tmp_path):
+    """Lightning's tips, device and seed lines and library warnings are off unless --verbose; a run with
+    ``logger: false`` writes only under runs/ (git-ignored)."""
+    args = ["fit", "--config", str(ROOT / "tests/sweep_fixtures/tiny.yaml"), "--trainer.max_steps", "1"]
+    quiet = subprocess.run([sys.executable, "-m", "mma.cli", *args], capture_output=True, text=True, cwd=tmp_path)
+    assert quiet.returncode == 0, quiet.stderr
+    assert not [line for line in quiet.stderr.splitlines() if any(noise in line for noise in NOISE)], quiet.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["runs"]
+    verbose = subprocess.run(
+        [sys.executable, "-m", "mma.cli", *args, "--verbose"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert verbose.returncode == 0 and "Seed set to 0" in verbose.stderr and "GPU available" in verbose.stderr

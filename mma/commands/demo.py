@@ -10,8 +10,6 @@ import time
 from rich.console import Console
 from rich.table import Table
 
-from mma.parameters import count_parameters
-
 ROWS = ("colour", "shape", "count", "position", "image", "text", "all")
 
 
@@ -21,11 +19,13 @@ def _accuracy(metrics: dict, prefix: str, row: str) -> str:
 
 
 def demo_command(argv: list[str]) -> None:
-    from mma.recipe import config_cli
-
     parser = argparse.ArgumentParser(prog="mma demo", description=__doc__)
     parser.add_argument("--config", default="recipes/demo.yaml", help="recipe YAML (default: %(default)s)")
     args, overrides = parser.parse_known_args(argv)
+    # Imported once the arguments parse: `mma demo --help` answers without loading torch.
+    from mma.parameters import count_parameters
+    from mma.recipe import config_cli
+
     start = time.perf_counter()
     cli = config_cli(args.config, overrides)
     module, data, trainer = cli.model, cli.datamodule, cli.trainer

@@ -3,7 +3,11 @@
 The checkpoint is the user's own training output and is read with ``torch.load(weights_only=True)`` (plain tensors
 and containers only). The backbones its recipe names are loaded once more, to check the weights fit them and to
 fingerprint them; the run's ``config.yaml`` and ``metrics.csv`` next to the checkpoint go on the card.
+
+torch and the model code are imported inside the functions that use them, so `mma export --help` answers at once.
 """
+
+from __future__ import annotations
 
 import argparse
 import csv
@@ -11,21 +15,22 @@ import json
 import logging
 import pickle
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from mma.adapters import adapter_parameter_names
-from mma.build import build_model, model_config_from_dict
-from mma.checkpoint import check_names, check_replaceable, refuse_non_finite, save_adapter
 from mma.errors import AdapterError
-from mma.model import VisionLanguageModel
-from mma.peft_format import save_peft_lora
+
+if TYPE_CHECKING:
+    import torch
+
+    from mma.model import VisionLanguageModel
 
 log = logging.getLogger(__name__)
 
 
 def read_checkpoint(path: Path) -> dict:
     """A checkpoint written by ``MMAModule``, loaded without running any pickled code."""
+    import torch
+
     if not path.is_file():
         raise AdapterError(f"checkpoint {path} does not exist")
     try:
@@ -40,6 +45,11 @@ def read_checkpoint(path: Path) -> dict:
 
 def load_trainable(model: VisionLanguageModel, state_dict: dict[str, torch.Tensor], source: str) -> None:
     """Copy a checkpoint's ``model.``-prefixed trainable weights into ``model``; names must match exactly."""
+    import torch
+
+    from mma.adapters import adapter_parameter_names
+    from mma.checkpoint import check_names, refuse_non_finite
+
     weights = {name.removeprefix("model."): tensor for name, tensor in state_dict.items()}
     expected = adapter_parameter_names(model)
     check_names(expected, set(weights), source)
@@ -76,6 +86,10 @@ def export_checkpoint(
 ) -> Path:
     """Rebuild the checkpoint's model, load its trainable weights and save them as an adapter folder (and, for
     LoRA, also in peft's folder format at ``peft_out``)."""
+    from mma.build import build_model, model_config_from_dict
+    from mma.checkpoint import check_replaceable, save_adapter
+    from mma.peft_format import save_peft_lora
+
     for folder in filter(None, (out, peft_out)):
         check_replaceable(folder, overwrite)
     checkpoint = read_checkpoint(ckpt)

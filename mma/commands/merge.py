@@ -9,9 +9,6 @@ import argparse
 import logging
 from pathlib import Path
 
-from mma.checkpoint import check_replaceable, load_model, write_folder_atomically
-from mma.merge import merge_adapter
-
 log = logging.getLogger(__name__)
 
 
@@ -19,6 +16,10 @@ def merge_to_folder(
     adapter: Path, out: Path, modality: str | None = None, ignore_fingerprint: bool = False, overwrite: bool = False
 ) -> Path:
     """Load the adapter onto its backbones, fold it into the LLM and save the LLM and tokenizer to ``out``."""
+    # Imported here: `mma merge --help` answers without loading torch.
+    from mma.checkpoint import check_replaceable, load_model, write_folder_atomically
+    from mma.merge import merge_adapter
+
     check_replaceable(out, overwrite)
     model, config = load_model(adapter, ignore_fingerprint)
     llm = merge_adapter(model, config.adapter, modality)

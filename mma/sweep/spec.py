@@ -7,7 +7,6 @@ command-line options, so a sweep accepts exactly what ``mma fit`` accepts and re
 import contextlib
 import dataclasses
 import hashlib
-import io
 import itertools
 import json
 import logging
@@ -118,16 +117,12 @@ def cli_value(value: Any) -> str:
 
 
 def parse(recipe: str, args: list[str]):
-    """``mma.recipe.config_cli`` with its exits and instantiation errors turned into one ``ConfigError`` line."""
+    """``mma.recipe.config_cli`` with its instantiation errors turned into one ``ConfigError`` line (parse errors
+    already are one)."""
     from mma.recipe import config_cli
 
-    stderr = io.StringIO()
     try:
-        with contextlib.redirect_stderr(stderr):
-            return config_cli(recipe, args)
-    except SystemExit:
-        message = stderr.getvalue().rpartition("error: ")[2].strip() or "the recipe does not parse"
-        raise ConfigError(" ".join(message.split())) from None
+        return config_cli(recipe, args)
     except (MMAError, MisconfigurationException, ValueError, TypeError) as err:
         raise ConfigError(str(err)) from None
 

@@ -4,14 +4,20 @@
 for the commands, the sweeps and the benchmarks alike (the library never imports the command line).
 """
 
+import logging
+from pathlib import Path
+
 import lightning as L
 from jsonargparse import ArgumentError
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from mma.callbacks import PredictionWriter
+from mma.callbacks import LastCheckpoint, PredictionWriter
 from mma.errors import ConfigError
 from mma.module import MMAModule
+from mma.resume import LAST, find_last_checkpoint, read_checkpoint
+
+log = logging.getLogger(__name__)
 
 # Parse errors raise (``ConfigError``, one line) instead of printing the whole usage first.
 _RAISE = {"exit_on_error": False}
@@ -53,13 +59,34 @@ class MMACLI(LightningCLI):
             command = next((a for a in args or [] if a in self.subcommands()), "fit")
             raise ConfigError(f"{one_line(str(err))} (see mma {command} --help)") from None
 
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """``checkpoint``: the ``last.ckpt`` every recipe writes (``--checkpoint.every_n_train_steps N``)."""
+        parser.add_lightning_class_args(LastCheckpoint, "checkpoint")
+
     def _instantiate_trainer(self, config: dict, callbacks: list) -> L.Trainer:
-        """The default Rich progress bar steps aside when the recipe turns progress bars off (Lightning refuses a
-        progress bar callback with ``enable_progress_bar: false``)."""
+        """The default Rich progress bar steps aside when the recipe turns progress bars off, and the checkpoint
+        callback when it turns checkpointing off (Lightning refuses either callback then)."""
         if config.get("enable_progress_bar") is False:
             kept = [c for c in self.trainer_defaults["callbacks"] if not isinstance(c, RichProgressBar)]
             self.trainer_defaults = {**self.trainer_defaults, "callbacks": kept}
+        if config.get("enable_checkpointing") is False:
+            callbacks = [c for c in callbacks if not isinstance(c, LastCheckpoint)]
         return super()._instantiate_trainer(config, callbacks)
+
+    def after_instantiate_classes(self) -> None:
+        """Resolve ``--ckpt_path last`` and read the checkpoint safely, before any weight loads; evaluating
+        without trained weights is said out loud."""
+        if self.subcommand is None:
+            return
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") is None:
+            if self.subcommand != "fit" and self.model.adapter_source is None:
+                log.warning("mma %s: no --ckpt_path and no model.adapter: the adapters are untrained", self.subcommand)
+            return
+        path = find_last_checkpoint(self.trainer) if config.ckpt_path == LAST else Path(config.ckpt_path)
+        read_checkpoint(path)
+        config.ckpt_path = str(path)
+        log.info("%s from %s", "resuming" if self.subcommand == "fit" else "weights", path)
 
 
 def config_cli(config: str, overrides: list[str] | None = None) -> MMACLI:

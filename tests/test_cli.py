@@ -5,9 +5,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mma.adapters import AdapterSettings
 from mma.build import build_model
+from mma.callbacks import LastCheckpoint
 from mma.cli import LIGHTNING_COMMANDS, SUBCOMMANDS, main
 from mma.parameters import count_parameters
 from mma.recipe import config_cli
@@ -18,8 +20,13 @@ RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_recipe_parses_and_builds_on_the_meta_device(recipe):
-    """Typed settings, the layout they declare, and the model they build (no weights allocated)."""
-    config = config_cli(str(recipe)).model.model_config
+    """Typed settings, the layout they declare, the model they build (no weights allocated), and a ``last.ckpt``
+    written every few minutes of training."""
+    cli = config_cli(str(recipe))
+    config = cli.model.model_config
+    assert [cb._every_n_train_steps for cb in cli.trainer.callbacks if isinstance(cb, LastCheckpoint)] == [
+        yaml.safe_load(recipe.read_text())["checkpoint"]["every_n_train_steps"]
+    ]
     assert isinstance(config.adapter, AdapterSettings)
     model = build_model(config, device="meta")
     assert model.layout == config.adapter.layout()

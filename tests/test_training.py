@@ -1,5 +1,13 @@
 """The Lightning module on tiny backbones: it learns, touches only adapters, resumes exactly, stops on NaN."""
 
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
@@ -231,3 +239,50 @@ def test_a_checkpoint_with_a_non_finite_weight_is_never_written(tmp_path):
     with pytest.raises(TrainingDiverged, match="refusing to save a checkpoint at step 2: 1 trainable tensor"):
         _run(tmp_path, max_steps=4, callbacks=[_PoisonBeforeSave(2), _every_step(tmp_path)])
     assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["last.ckpt", "step=1.ckpt"]
+
+
+TINY_RECIPE = Path(__file__).parent / "sweep_fixtures" / "tiny.yaml"
+
+
+def _fit_command(root: Path, *extra: str) -> list[str]:
+    """`mma fit` of the tiny recipe for 12 steps (3 epochs of 4), ``last.ckpt`` every 2 steps, into ``root``."""
+    options = ["--trainer.max_steps", "12", "--trainer.enable_checkpointing", "true"]
+    options += ["--checkpoint.every_n_train_steps", "2", "--trainer.default_root_dir", str(root)]
+    return [sys.executable, "-m", "mma.cli", "fit", "--config", str(TINY_RECIPE), *options, *extra]
+
+
+def _kill_after_saves(process: subprocess.Popen, last: Path, saves: int) -> None:
+    """SIGKILL ``process`` as soon as it has written ``last`` ``saves`` times."""
+    seen, stamp = 0, None
+    while seen < saves:
+        assert process.poll() is None, "the run ended before it could be killed"
+        now = last.stat().st_mtime_ns if last.exists() else None
+        seen, stamp = seen + (now != stamp), now
+        time.sleep(0.002)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+
+
+def test_a_killed_fit_resumes_from_last_to_the_same_weights(tmp_path):
+    """A real `kill -9` at a random step of 12, then `--ckpt_path last`: bit-identical to an uninterrupted run."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    quiet = {"env": env, "stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE, "text": True}
+    straight = subprocess.Popen(_fit_command(tmp_path / "straight"), **quiet)
+    killed = subprocess.Popen(_fit_command(tmp_path / "killed"), **quiet)
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    saves = random.randint(1, 4)  # killed between steps 2 and 10
+    _kill_after_saves(killed, last, saves)
+    step = torch.load(last, weights_only=True)["global_step"]
+    assert 2 <= step < 12, (saves, step)
+    resumed = subprocess.run(
+        _fit_command(tmp_path / "killed", "--ckpt_path", "last"), env=env, capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from {last}" in resumed.stderr
+    assert straight.wait() == 0, straight.stderr.read()
+    expected = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=True)
+    final = torch.load(last, weights_only=True)
+    assert final["global_step"] == expected["global_step"] == 12
+    assert final["state_dict"].keys() == expected["state_dict"].keys()
+    for key, value in expected["state_dict"].items():
+        assert torch.equal(final["state_dict"][key], value), (key, f"killed at step {step}")

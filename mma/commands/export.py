@@ -13,11 +13,8 @@ import argparse
 import csv
 import json
 import logging
-import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-from mma.errors import AdapterError
 
 if TYPE_CHECKING:
     import torch
@@ -25,22 +22,6 @@ if TYPE_CHECKING:
     from mma.model import VisionLanguageModel
 
 log = logging.getLogger(__name__)
-
-
-def read_checkpoint(path: Path) -> dict:
-    """A checkpoint written by ``MMAModule``, loaded without running any pickled code."""
-    import torch
-
-    if not path.is_file():
-        raise AdapterError(f"checkpoint {path} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        reason = str(err).strip().splitlines()[0]
-        raise AdapterError(f"{path} is not a Lightning checkpoint of plain tensors ({reason})") from None
-    if "model" not in checkpoint.get("hyper_parameters", {}) or "state_dict" not in checkpoint:
-        raise AdapterError(f"{path} was not written by mma's MMAModule (no model settings or state_dict)")
-    return checkpoint
 
 
 def load_trainable(model: VisionLanguageModel, state_dict: dict[str, torch.Tensor], source: str) -> None:
@@ -89,6 +70,7 @@ def export_checkpoint(
     from mma.build import build_model, model_config_from_dict
     from mma.checkpoint import check_replaceable, save_adapter
     from mma.peft_format import save_peft_lora
+    from mma.resume import read_checkpoint
 
     for folder in filter(None, (out, peft_out)):
         check_replaceable(folder, overwrite)

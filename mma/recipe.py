@@ -15,7 +15,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from mma.callbacks import LastCheckpoint, PredictionWriter
 from mma.errors import ConfigError
 from mma.module import MMAModule
-from mma.resume import LAST, find_last_checkpoint, read_checkpoint
+from mma.resume import LAST, check_settings, find_last_checkpoint, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +73,13 @@ class MMACLI(LightningCLI):
             callbacks = [c for c in callbacks if not isinstance(c, LastCheckpoint)]
         return super()._instantiate_trainer(config, callbacks)
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning would replace the model settings with the checkpoint's here, silently dropping what the
+        command line changed; ``after_instantiate_classes`` checks them against the checkpoint instead."""
+
     def after_instantiate_classes(self) -> None:
-        """Resolve ``--ckpt_path last`` and read the checkpoint safely, before any weight loads; evaluating
-        without trained weights is said out loud."""
+        """Resolve ``--ckpt_path last``, read the checkpoint safely and check its model settings, all before any
+        weight loads; evaluating without trained weights is said out loud."""
         if self.subcommand is None:
             return
         config = self.config_init[self.subcommand]
@@ -84,7 +88,7 @@ class MMACLI(LightningCLI):
                 log.warning("mma %s: no --ckpt_path and no model.adapter: the adapters are untrained", self.subcommand)
             return
         path = find_last_checkpoint(self.trainer) if config.ckpt_path == LAST else Path(config.ckpt_path)
-        read_checkpoint(path)
+        check_settings(path, read_checkpoint(path)["hyper_parameters"], dict(self.model.hparams))
         config.ckpt_path = str(path)
         log.info("%s from %s", "resuming" if self.subcommand == "fit" else "weights", path)
 

@@ -1,5 +1,10 @@
-"""Lightning training checkpoints that a run resumes or evaluates from: read without running pickled code, and
-the last one of a recipe's runs found."""
+"""Lightning training checkpoints that a run resumes or evaluates from: read without running pickled code, the
+last one of a recipe's runs found, and their settings checked against the recipe's.
+
+LightningCLI would replace the recipe's model settings with the checkpoint's, silently dropping what the command
+line changed; mma keeps the recipe's and refuses any difference except where files now are and settings that do
+not change what is trained (``REPOINTABLE``).
+"""
 
 import pickle
 from pathlib import Path
@@ -9,6 +14,16 @@ import torch
 
 from mma.errors import AdapterError, ConfigError
 
+# Model settings a checkpoint may be used with changed: files that moved, and how a run is evaluated or fits in
+# memory. Dotted keys below the module's hyper-parameters (``model.llm.path`` is ``--model.model.llm.path``).
+REPOINTABLE = (
+    "model.llm.path",
+    "model.vit.weights",
+    "adapter.path",
+    "adapter.ignore_fingerprint",
+    "max_new_tokens",
+    "activation_checkpointing",
+)
 LAST = "last"
 
 
@@ -47,3 +62,30 @@ def find_last_checkpoint(trainer: L.Trainer) -> Path:
         where = ", ".join(map(str, folders)) or "no checkpoint folder (checkpointing is off)"
         raise ConfigError(f"--ckpt_path last: no last.ckpt in {where}; run without --ckpt_path to start afresh")
     return max(found, key=lambda path: path.stat().st_mtime)
+
+
+def _flatten(settings: dict, prefix: str = "") -> dict[str, object]:
+    """Nested settings as dotted keys; an adapter's ``init_args`` level is left out of the names."""
+    flat = {}
+    for key, value in settings.items():
+        name = prefix if key == "init_args" else f"{prefix}{key}."
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, name))
+        else:
+            flat[name.rstrip(".")] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def check_settings(path: Path, saved: dict, current: dict) -> None:
+    """The recipe's model settings must be the checkpoint's, except the ``REPOINTABLE`` ones."""
+    before, now = _flatten(saved), _flatten(current)
+    changed = [
+        f"--model.{key}: checkpoint {before.get(key)!r}, given {now.get(key)!r}"
+        for key in sorted(before.keys() | now.keys())
+        if before.get(key) != now.get(key) and not key.startswith(REPOINTABLE)
+    ]
+    if changed:
+        raise ConfigError(
+            f"{path} was trained with other model settings: {'; '.join(changed)}. Only backbone and adapter paths, "
+            "max_new_tokens and activation_checkpointing may differ: use the checkpoint's recipe"
+        )

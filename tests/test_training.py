@@ -11,7 +11,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import LossLog, assert_backbones_in_eval, tiny_config, tiny_trainer
+from conftest import TINY_LLM, LossLog, assert_backbones_in_eval, tiny_config, tiny_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from mma.adapters import registered_adapters
@@ -286,3 +286,36 @@ def test_a_killed_fit_resumes_from_last_to_the_same_weights(tmp_path):
     assert final["state_dict"].keys() == expected["state_dict"].keys()
     for key, value in expected["state_dict"].items():
         assert torch.equal(final["state_dict"][key], value), (key, f"killed at step {step}")
+
+
+def test_ckpt_path_takes_moved_backbones_but_refuses_other_model_settings(tmp_path, capsys):
+    """LightningCLI would silently reload the checkpoint's model settings; mma honours a moved LLM folder and
+    names any other setting that differs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mma.backbones.tokenizer import byte_tokenizer
+    from mma.cli import main
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**TINY_LLM)).save_pretrained(tmp_path / "llm")
+    byte_tokenizer().save_pretrained(tmp_path / "llm")
+    fit = _fit_command(tmp_path / "run")[3:]  # `fit --config ...` without the interpreter
+    main([*fit, "--trainer.max_steps", "2", "--model.model.llm.path", str(tmp_path / "llm")])
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    (tmp_path / "llm").rename(tmp_path / "moved")
+    with pytest.raises(SystemExit):
+        main(
+            [
+                *fit,
+                "--model.model.llm.path",
+                str(tmp_path / "moved"),
+                "--model.model.adapter.hidden",
+                "4",
+                "--ckpt_path",
+                str(ckpt),
+            ]
+        )
+    err = capsys.readouterr().err
+    assert f"{ckpt} was trained with other model settings: --model.model.adapter.hidden: checkpoint 8, given 4." in err
+    main([*fit, "--trainer.max_steps", "4", "--model.model.llm.path", str(tmp_path / "moved"), "--ckpt_path", "last"])
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 4

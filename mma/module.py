@@ -55,6 +55,9 @@ class MMAModule(L.LightningModule):
         adapter: AdapterSource | None = None,
     ) -> None:
         super().__init__()
+        for name, value in (("max_length", max_length), ("max_new_tokens", max_new_tokens)):
+            if value < 1:
+                raise ConfigError(f"model setting {name}={value} must be at least 1")
         self.model_config = model
         self.adapter_source = adapter
         self.optimizer_config = optimizer or OptimizerConfig()

@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from mma.callbacks import LastCheckpoint, PredictionWriter
-from mma.errors import ConfigError
+from mma.errors import ConfigError, MMAError
 from mma.module import MMAModule
 from mma.resume import LAST, check_settings, find_last_checkpoint, read_checkpoint
 
@@ -30,6 +30,24 @@ def one_line(message: str) -> str:
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     kept = [line for line in lines if not line.startswith(_UNION_NOISE)]
     return " ".join(dict.fromkeys(kept if len(kept) > 1 else lines))
+
+
+def check_recipes_are_text(args: list[str]) -> None:
+    """jsonargparse lets a binary recipe's ``UnicodeDecodeError`` escape as a trace; name the file instead."""
+    given = [value for flag, value in zip(args, args[1:], strict=False) if flag in ("-c", "--config")]
+    given += [arg.split("=", 1)[1] for arg in args if arg.startswith("--config=")]
+    for recipe in filter(lambda value: Path(value).is_file(), given):
+        try:
+            Path(recipe).read_text()
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"recipe {recipe} is not a YAML text file ({err.reason} at byte {err.start})") from None
+
+
+def user_error(err: BaseException) -> MMAError | None:
+    """The ``MMAError`` that caused ``err``, if one did."""
+    while err is not None and not isinstance(err, MMAError):
+        err = err.__cause__ or err.__context__
+    return err
 
 
 class MMACLI(LightningCLI):
@@ -53,11 +71,23 @@ class MMACLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args: list[str] | None) -> None:
         """A parse error is one ``ConfigError``: jsonargparse's message and where the options are listed."""
+        check_recipes_are_text(args or [])
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as err:
             command = next((a for a in args or [] if a in self.subcommands()), "fit")
             raise ConfigError(f"{one_line(str(err))} (see mma {command} --help)") from None
+
+    def instantiate_classes(self) -> None:
+        """A setting's own range check (``ConfigError`` in ``__post_init__`` or ``__init__``) reaches the user as
+        itself, not inside jsonargparse's union error."""
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            cause = user_error(err)
+            if cause is None:
+                raise
+            raise cause from None
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """``checkpoint``: the ``last.ckpt`` every recipe writes (``--checkpoint.every_n_train_steps N``)."""

@@ -33,9 +33,14 @@ def read_checkpoint(path: Path) -> dict:
         raise AdapterError(f"checkpoint {path} does not exist")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+    except pickle.UnpicklingError:
+        reason = "it holds pickled objects other than tensors and containers, and mma never runs those"
+        raise AdapterError(f"{path} is not a Lightning checkpoint of plain tensors: {reason}") from None
+    except (RuntimeError, EOFError, OSError) as err:  # OSError: a zip cut short
         reason = str(err).strip().splitlines()[0]
-        raise AdapterError(f"{path} is not a Lightning checkpoint of plain tensors ({reason})") from None
+        raise AdapterError(
+            f"{path} is not a Lightning checkpoint of plain tensors: truncated or corrupted ({reason})"
+        ) from None
     hyper = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
     if "model" not in hyper or "state_dict" not in checkpoint:
         raise AdapterError(f"{path} was not written by mma's MMAModule (no model settings or state_dict)")

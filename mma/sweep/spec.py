@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from mma.errors import ConfigError, MMAError
 
@@ -70,7 +71,12 @@ class Run:
 
 def load_sweep(path: str | Path) -> SweepSpec:
     """Read a sweep file (OmegaConf interpolation allowed); an unknown top-level key or mode is named."""
-    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    if not Path(path).is_file():
+        raise ConfigError(f"sweep file {path} does not exist")
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except (yaml.YAMLError, UnicodeDecodeError, OmegaConfBaseException) as err:
+        raise ConfigError(f"sweep {path} is not a readable YAML file ({str(err).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"sweep {path} is not a mapping")
     known = {f.name for f in dataclasses.fields(SweepSpec)}

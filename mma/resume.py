@@ -90,7 +90,8 @@ def check_settings(path: Path, saved: dict, current: dict) -> None:
         if before.get(key) != now.get(key) and not key.startswith(REPOINTABLE)
     ]
     if changed:
+        more = f"; ... ({len(changed)} in all)" if len(changed) > 5 else ""
         raise ConfigError(
-            f"{path} was trained with other model settings: {'; '.join(changed)}. Only backbone and adapter paths, "
-            "max_new_tokens and activation_checkpointing may differ: use the checkpoint's recipe"
+            f"{path} was trained with other model settings: {'; '.join(changed[:5])}{more}. Only backbone and "
+            "adapter paths, max_new_tokens and activation_checkpointing may differ: use the checkpoint's recipe"
         )

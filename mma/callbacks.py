@@ -5,9 +5,40 @@ import logging
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+
+from mma.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """Writes ``last.ckpt`` every ``every_n_train_steps`` optimizer steps and when training ends: what
+    ``mma fit --ckpt_path last`` resumes from, so a killed run loses at most that many steps.
+
+    Args:
+        every_n_train_steps: optimizer steps between saves; recipes set it to a few minutes of their training.
+        dirpath: folder of ``last.ckpt``; by default ``checkpoints/`` in the run's folder (the logger's version).
+    """
+
+    def __init__(self, every_n_train_steps: int = 50, dirpath: str | None = None) -> None:
+        if every_n_train_steps < 1:
+            raise ConfigError(f"checkpoint.every_n_train_steps={every_n_train_steps} must be at least 1")
+        super().__init__(
+            dirpath=dirpath,
+            save_top_k=0,
+            save_last=True,
+            every_n_train_steps=every_n_train_steps,
+            enable_version_counter=False,  # one last.ckpt per folder, replaced each time
+        )
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        """The steps after the last multiple of ``every_n_train_steps`` too: ``mma test`` sees the final weights."""
+        if not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Nothing to restore (it keeps no best-k list), and a resumed run writes into its own run folder."""
 
 
 class PredictionWriter(BasePredictionWriter):

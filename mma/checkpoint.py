@@ -35,6 +35,7 @@ CONFIG_FILE = "adapter_config.json"
 CARD_FILE = "README.md"
 FORMAT = "mma-adapter"
 FORMAT_VERSION = 1
+WRITTEN_MARKER = ".mma-written"  # in every folder mma writes: what --overwrite may replace
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 
 
@@ -56,6 +57,20 @@ def adapter_weights(model: VisionLanguageModel) -> dict[str, torch.Tensor]:
     """Every trainable tensor by its name in ``model``, detached CPU copies."""
     trainable = adapter_parameter_names(model)
     return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if name in trainable}
+
+
+def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the tensors that hold a NaN or an infinity (one device sync for all of them)."""
+    if not tensors:
+        return []
+    finite = torch.stack([torch.isfinite(t).all() for t in tensors.values()]).tolist()
+    return [name for name, ok in zip(tensors, finite, strict=True) if not ok]
+
+
+def refuse_non_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """A NaN or infinite weight is never written or loaded: it would poison every output silently."""
+    if bad := non_finite(tensors):
+        raise AdapterError(f"{source} holds non-finite values (NaN or inf) in {len(bad)} tensor(s): {_listing(bad, 5)}")
 
 
 def prompt_format(model: VisionLanguageModel, max_length: int) -> dict:
@@ -87,6 +102,7 @@ def save_adapter(
     ``recipe`` (the run's YAML) describe the run on the card.
     """
     tensors = adapter_weights(model)
+    refuse_non_finite(tensors, "the model to save")
 
     def write(folder: Path) -> None:
         (folder / WEIGHTS_FILE).write_bytes(save(tensors, metadata={"format": "pt", "mma_format": FORMAT}))
@@ -110,23 +126,27 @@ def save_adapter(
         (folder / CARD_FILE).write_text(adapter_card(description, recipe))
         (folder / CONFIG_FILE).write_text(json.dumps(description, indent=2) + "\n")
 
-    return write_folder_atomically(Path(out), write, overwrite)
+    return write_folder_atomically(Path(out), write, overwrite, writer="mma.checkpoint.save_adapter")
 
 
-def write_folder_atomically(out: Path, write: Callable[[Path], None], overwrite: bool = False) -> Path:
+def write_folder_atomically(
+    out: Path, write: Callable[[Path], None], overwrite: bool = False, writer: str = "mma"
+) -> Path:
     """Let ``write`` fill a hidden folder next to ``out``, then rename it to ``out``.
 
     An interrupted write leaves nothing at ``out`` (or the previous folder, untouched): half-written files never
-    sit under the name a loader reads.
+    sit under the name a loader reads. The folder gets a ``.mma-written`` marker naming ``writer``; ``overwrite``
+    replaces only an empty folder or one that carries the marker, never a folder of the user's own files.
     """
-    if out.exists() and not overwrite:
-        raise ConfigError(f"{out} already exists; choose another folder or overwrite it explicitly")
+    check_replaceable(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
     staging.mkdir()
     previous = staging.with_name(staging.name + "-previous")
     try:
         write(staging)
+        marker = {"written_by": writer, "mma_version": importlib.metadata.version("mma")}
+        (staging / WRITTEN_MARKER).write_text(json.dumps(marker) + "\n")
         _sync_files(staging)
         if out.exists():
             os.replace(out, previous)
@@ -138,6 +158,22 @@ def write_folder_atomically(out: Path, write: Callable[[Path], None], overwrite:
         raise
     shutil.rmtree(previous, ignore_errors=True)
     return out
+
+
+def check_replaceable(out: Path, overwrite: bool) -> None:
+    """``out`` is free, or ``overwrite`` is given and it is an empty folder or one that mma wrote (it has the
+    marker): replacing deletes every file in it. Commands call this before loading any weights."""
+    if not out.exists():
+        return
+    if not overwrite:
+        raise ConfigError(f"{out} already exists; choose another folder or overwrite it explicitly")
+    if not out.is_dir():
+        raise ConfigError(f"{out} exists and is not a folder; refusing to replace it")
+    if any(out.iterdir()) and not (out / WRITTEN_MARKER).is_file():
+        raise ConfigError(
+            f"refusing to overwrite {out}: it holds files that mma did not write (no {WRITTEN_MARKER}); "
+            "--overwrite replaces only an empty folder or an earlier export or merge"
+        )
 
 
 def _sync_files(folder: Path) -> None:
@@ -228,6 +264,7 @@ def load_adapter(
         raise AdapterError(f"{weights} is corrupted or was changed after export (its hash differs from {CONFIG_FILE})")
     check_backbones(saved, model, model_config, folder, ignore_fingerprint)
     tensors = load_file(weights)
+    refuse_non_finite(tensors, str(weights))
     with torch.no_grad():
         for name in expected:
             params[name].copy_(tensors[name])

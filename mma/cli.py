@@ -1,32 +1,101 @@
 """The ``mma`` command: LightningCLI's fit / validate / test / predict, plus ``params``, ``demo``, ``export``,
-``ask``, ``merge`` and ``sweep``. Heavy libraries are imported only by the command that runs."""
+``ask``, ``merge`` and ``sweep``.
+
+Heavy libraries are imported only by the command that runs: ``mma --help``, ``mma --version`` and ``mma <own
+command> --help`` answer without loading torch. Default output carries mma's own lines; ``--verbose`` (anywhere on
+the line) brings back Lightning's info lines and the warnings listed in ``QUIET_WARNINGS``.
+"""
 
 import importlib
+import importlib.metadata
 import logging
 import sys
 import warnings
 
-from mma.errors import MMAError
+from mma.errors import ConfigError, MMAError
 
 log = logging.getLogger("mma")
 
-# Subcommands beyond LightningCLI's own; each is ``mma.commands.<name>.<name>_command(argv)``.
-SUBCOMMANDS = ("params", "demo", "export", "ask", "merge", "sweep")
+# Lightning's commands (LightningCLI, recipes as YAML) and mma's own (``mma.commands.<name>.<name>_command(argv)``).
+LIGHTNING_COMMANDS = {
+    "fit": "train a recipe's adapters on its frozen backbones",
+    "validate": "evaluate a recipe on its validation split",
+    "test": "evaluate a recipe on its test split (with --ckpt_path or model.adapter)",
+    "predict": "write a recipe's generated answers to predictions.jsonl",
+}
+SUBCOMMANDS = {
+    "params": "trainable and total parameters of a recipe, counted on the meta device",
+    "demo": "evaluate, fine-tune and re-evaluate a recipe on the built-in task",
+    "export": "turn a training checkpoint into a shareable adapter folder",
+    "ask": "answer one question with an exported adapter",
+    "merge": "fold an adapter into the LLM's weights as a plain transformers folder",
+    "sweep": "run a sweep file's runs one after another and report",
+}
+# Lines that say nothing about an mma run: tips, device and seed notices, deprecations inside the libraries, and
+# warnings about what mma does on purpose (backbones in eval mode; the data module restores the epoch position).
+QUIET_WARNINGS = (
+    r"Found \d+ module\(s\) in eval mode",
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    r"LightningCLI's args parameter is intended",
+    r".*your dataloader is not resumable",
+)
+QUIET_LOGGERS = {
+    "lightning.pytorch.utilities.rank_zero": logging.WARNING,  # tips (litlogger, litmodels), GPU/TPU available
+    "lightning.fabric.utilities.seed": logging.WARNING,  # "Seed set to 0"
+    "bitsandbytes": logging.ERROR,  # "Failed to load CPU gemm_4bit_forward from kernels-community"
+}
+
+
+def usage() -> str:
+    """mma's own short help: every command with one line (``mma <command> --help`` has the options)."""
+    width = max(map(len, [*LIGHTNING_COMMANDS, *SUBCOMMANDS]))
+    lines = ["usage: mma <command> [options]   (mma <command> --help lists a command's options)", ""]
+    for title, commands in (("training (Lightning)", LIGHTNING_COMMANDS), ("adapters and runs", SUBCOMMANDS)):
+        lines += [f"{title}:", *(f"  {name:<{width}}  {text}" for name, text in commands.items()), ""]
+    lines += ["options:", "  --verbose  show Lightning's info lines and library warnings", "  --version  mma's version"]
+    return "\n".join(lines)
+
+
+def quiet() -> None:
+    """Silence the lines in ``QUIET_WARNINGS`` and ``QUIET_LOGGERS`` (set before the libraries load, which is
+    when some of them speak)."""
+    for message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+    for name, level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+
+
+def run(argv: list[str]) -> None:
+    """Dispatch to mma's own command or to LightningCLI; an unknown command is refused with the list."""
+    command = argv[0]
+    if command in SUBCOMMANDS:
+        getattr(importlib.import_module(f"mma.commands.{command}"), f"{command}_command")(argv[1:])
+    elif command in LIGHTNING_COMMANDS or command.startswith("-"):  # `mma -c RECIPE fit`: LightningCLI's form
+        from mma.recipe import MMACLI
+
+        MMACLI(args=argv)
+    else:
+        commands = ", ".join([*LIGHTNING_COMMANDS, *SUBCOMMANDS])
+        raise ConfigError(f"unknown command {command!r}; commands: {commands} (see mma --help)")
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    verbose = "--verbose" in argv
+    argv = [arg for arg in argv if arg != "--verbose"]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    # Frozen backbones stay in eval mode on purpose; Lightning warns about that at every fit.
-    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    logging.getLogger("lightning").propagate = False  # it has a handler of its own: each line once
+    warnings.filterwarnings("ignore", message=QUIET_WARNINGS[0])  # frozen backbones stay in eval mode on purpose
+    if not verbose:
+        quiet()
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return
+    if argv[0] == "--version":
+        print(f"mma {importlib.metadata.version('mma')}")
+        return
     try:
-        if argv and argv[0] in SUBCOMMANDS:
-            # Imported on demand: `mma params` should not pay for loading the sweep or merge machinery.
-            getattr(importlib.import_module(f"mma.commands.{argv[0]}"), f"{argv[0]}_command")(argv[1:])
-        else:
-            from mma.recipe import MMACLI
-
-            MMACLI(args=argv)
+        run(argv)
     except MMAError as err:
         print(f"mma: error: {err}", file=sys.stderr)
         sys.exit(2)

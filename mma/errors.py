@@ -21,7 +21,7 @@ class DataError(MMAError):
 
 
 class TrainingDiverged(MMAError):
-    """The loss stopped being finite; the run stops before the bad step is applied or saved."""
+    """The loss or a trainable weight stopped being finite; the run stops before anything non-finite is saved."""
 
 
 class AdapterError(MMAError):

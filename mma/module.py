@@ -19,7 +19,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from mma.adapters.base import source_parameters
 from mma.build import ModelConfig, build_model, model_config_dict
-from mma.checkpoint import AdapterSource, load_adapter
+from mma.checkpoint import AdapterSource, load_adapter, non_finite
 from mma.data.base import Evaluation, MMADataModule
 from mma.data.collate import VLMCollator
 from mma.errors import ConfigError, DataError, TrainingDiverged
@@ -54,6 +54,9 @@ class MMAModule(L.LightningModule):
         adapter: AdapterSource | None = None,
     ) -> None:
         super().__init__()
+        for name, value in (("max_length", max_length), ("max_new_tokens", max_new_tokens)):
+            if value < 1:
+                raise ConfigError(f"model setting {name}={value} must be at least 1")
         self.model_config = model
         self.adapter_source = adapter
         self.optimizer_config = optimizer or OptimizerConfig()
@@ -265,10 +268,26 @@ class MMAModule(L.LightningModule):
         """State-dict names of the trainable parameters (activation-checkpoint wrappers leave no trace there)."""
         return {name.replace(_CHECKPOINT_PREFIX, "") for name, p in self.named_parameters() if p.requires_grad}
 
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """Stop at the step that leaves a trainable weight non-finite, before any callback can save it (a
+        finite loss can still give a step that breaks the weights; the next loss would be checked too late)."""
+        super().optimizer_step(*args, **kwargs)  # ``global_step`` counts it only once this hook returns
+        trainable = {name: p for name, p in self.named_parameters() if p.requires_grad}
+        if bad := non_finite(trainable):
+            raise TrainingDiverged(
+                f"optimizer step {self.global_step + 1} left {len(bad)} trainable tensor(s) non-finite "
+                f"({bad[0]}, ...); the run stops here and the last saved checkpoint is kept"
+            )
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keep only trainable weights: a few MB instead of the backbones' GB."""
+        """Keep only trainable weights: a few MB instead of the backbones' GB; never a non-finite one."""
         keys = self.trainable_state_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
+        if bad := non_finite(checkpoint["state_dict"]):
+            raise TrainingDiverged(
+                f"refusing to save a checkpoint at step {self.global_step}: {len(bad)} trainable tensor(s) are "
+                f"non-finite ({bad[0]}, ...); the run stops here and the last saved checkpoint is kept"
+            )
         checkpoint["rng_state"] = torch.get_rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

@@ -33,6 +33,18 @@ class OptimizerConfig:
     warmup_fraction: float = 0.1
     min_lr_ratio: float = 0.0
 
+    def __post_init__(self) -> None:
+        """Ranges are checked when the recipe is parsed, before any weight loads."""
+        checks = {
+            f"lr={self.lr} must be greater than 0": self.lr > 0,
+            f"weight_decay={self.weight_decay} must be at least 0": self.weight_decay >= 0,
+            f"betas={tuple(self.betas)} must each be in [0, 1)": all(0 <= b < 1 for b in self.betas),
+            f"warmup_fraction={self.warmup_fraction} must be in [0, 1]": 0 <= self.warmup_fraction <= 1,
+            f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]": 0 <= self.min_lr_ratio <= 1,
+        }
+        if wrong := [message for message, ok in checks.items() if not ok]:
+            raise ConfigError(f"optimizer setting {wrong[0]}")
+
 
 def make_optimizer(groups: list[dict], config: OptimizerConfig, device: torch.device) -> torch.optim.Optimizer:
     """The configured AdamW over ``groups``; an optimizer that cannot run on ``device`` is refused up front."""

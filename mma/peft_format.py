@@ -34,4 +34,4 @@ def save_peft_lora(
         save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
         config.save_pretrained(folder)
 
-    return write_folder_atomically(Path(out), write, overwrite)
+    return write_folder_atomically(Path(out), write, overwrite, writer="mma.peft_format.save_peft_lora")

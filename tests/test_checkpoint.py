@@ -20,8 +20,10 @@ from mma.build import build_model
 from mma.checkpoint import (
     CONFIG_FILE,
     WEIGHTS_FILE,
+    WRITTEN_MARKER,
     AdapterSource,
     adapter_weights,
+    file_sha256,
     load_adapter,
     load_model,
     save_adapter,
@@ -29,7 +31,7 @@ from mma.checkpoint import (
 from mma.cli import main
 from mma.commands.export import run_metrics
 from mma.data import SyntheticVQADataModule
-from mma.errors import AdapterError, BackboneMismatch
+from mma.errors import AdapterError, BackboneMismatch, ConfigError
 from mma.fingerprint import parameters_fingerprint
 from mma.module import MMAModule, OptimizerConfig
 from mma.recipe import config_cli
@@ -168,6 +170,30 @@ def test_damaged_weights_fail_cleanly(damage, message, tmp_path):
     assert all(torch.equal(adapter_weights(fresh)[k], v) for k, v in before.items())  # nothing half-loaded
 
 
+def test_non_finite_weights_are_never_saved_loaded_or_exported(tmp_path, capsys):
+    model, folder = _exported(tmp_path)
+    name = "projector.net.0.weight"
+    with torch.no_grad():
+        dict(model.named_parameters())[name][0, 0] = float("inf")
+    with pytest.raises(AdapterError, match=rf"holds non-finite values \(NaN or inf\) in 1 tensor\(s\): \[{name}\]"):
+        save_adapter(model, tiny_config(), tmp_path / "broken")
+    _rewrite_weights(folder, lambda t: t[name].fill_(float("nan")))
+    saved = json.loads((folder / CONFIG_FILE).read_text())
+    saved["weights"]["sha256"] = file_sha256(folder / WEIGHTS_FILE)  # a consistent folder, NaN and all
+    (folder / CONFIG_FILE).write_text(json.dumps(saved))
+    with pytest.raises(AdapterError, match=rf"{WEIGHTS_FILE} holds non-finite values"):
+        load_adapter(tiny_model(), folder)
+    _, ckpt = _trained_checkpoint(tmp_path / "run")
+    checkpoint = torch.load(ckpt, weights_only=True)
+    checkpoint["state_dict"][f"model.{name}"].fill_(float("nan"))
+    torch.save(checkpoint, ckpt)
+    with pytest.raises(SystemExit):
+        main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "exported")])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"holds non-finite values (NaN or inf) in 1 tensor(s): [{name}]" in err
+    assert not (tmp_path / "exported").exists()
+
+
 class _Payload:
     """Unpickling this creates ``marker``: the side effect a malicious file would have."""
 
@@ -265,7 +291,7 @@ def test_export_from_a_training_checkpoint_and_load_in_the_module(tmp_path):
     module, ckpt = _trained_checkpoint(tmp_path)
     out = tmp_path / "exported"
     main(["export", "--ckpt", str(ckpt), "--out", str(out), "--license", "apache-2.0"])
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", CONFIG_FILE, WEIGHTS_FILE]
+    assert sorted(p.name for p in out.iterdir()) == [WRITTEN_MARKER, "README.md", CONFIG_FILE, WEIGHTS_FILE]
     card = (out / "README.md").read_text()
     assert "license: apache-2.0" in card and "| train/loss |" in card and "2 optimizer steps" in card
     assert "5,624" in card  # trainable parameters of the tiny LaVIN model
@@ -276,6 +302,36 @@ def test_export_from_a_training_checkpoint_and_load_in_the_module(tmp_path):
     loaded.configure_model()
     for key, value in adapter_weights(module.model).items():
         assert torch.equal(adapter_weights(loaded.model)[key], value), key
+
+
+def test_overwrite_replaces_an_earlier_export_but_never_a_folder_of_other_files(tmp_path, capsys):
+    _, ckpt = _trained_checkpoint(tmp_path)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--ckpt", str(ckpt), "--out", str(mine), "--overwrite"])
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"refusing to overwrite {mine}: it holds files that mma did not write" in err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
+    out = tmp_path / "exported"
+    main(["export", "--ckpt", str(ckpt), "--out", str(out)])
+    (out / "README.md").write_text("an earlier card")
+    main(["export", "--ckpt", str(ckpt), "--out", str(out), "--overwrite"])
+    assert (out / "README.md").read_text() != "an earlier card"
+    assert json.loads((out / WRITTEN_MARKER).read_text())["written_by"] == "mma.checkpoint.save_adapter"
+
+
+def test_overwrite_takes_an_empty_folder_and_refuses_a_file(tmp_path):
+    model = tiny_model()
+    (tmp_path / "empty").mkdir()
+    save_adapter(model, tiny_config(), tmp_path / "empty", overwrite=True)
+    assert (tmp_path / "empty" / WEIGHTS_FILE).is_file()
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(ConfigError, match="exists and is not a folder"):
+        save_adapter(model, tiny_config(), tmp_path / "file", overwrite=True)
+    assert (tmp_path / "file").read_text() == "mine"
 
 
 def test_card_metrics_stop_at_the_checkpoint_step(tmp_path):

@@ -5,10 +5,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mma.adapters import AdapterSettings
 from mma.build import build_model
-from mma.cli import main
+from mma.callbacks import LastCheckpoint
+from mma.cli import LIGHTNING_COMMANDS, SUBCOMMANDS, main
 from mma.parameters import count_parameters
 from mma.recipe import config_cli
 
@@ -18,8 +20,13 @@ RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_recipe_parses_and_builds_on_the_meta_device(recipe):
-    """Typed settings, the layout they declare, and the model they build (no weights allocated)."""
-    config = config_cli(str(recipe)).model.model_config
+    """Typed settings, the layout they declare, the model they build (no weights allocated), and a ``last.ckpt``
+    written every few minutes of training."""
+    cli = config_cli(str(recipe))
+    config = cli.model.model_config
+    assert [cb._every_n_train_steps for cb in cli.trainer.callbacks if isinstance(cb, LastCheckpoint)] == [
+        yaml.safe_load(recipe.read_text())["checkpoint"]["every_n_train_steps"]
+    ]
     assert isinstance(config.adapter, AdapterSettings)
     model = build_model(config, device="meta")
     assert model.layout == config.adapter.layout()
@@ -132,3 +139,44 @@ def test_demo_prints_every_group_before_after_blind_and_chance():
     for group in ("colour", "shape", "count", "position", "image", "text", "all"):
         assert f"│ {group} " in out
     assert "optimizer steps: 3" in out
+
+
+def test_help_version_and_own_commands_help_load_no_heavy_library():
+    """`mma --help`, `--version` and `mma <own command> --help` answer without importing torch or Lightning."""
+    commands = [["--help"], ["--version"], *([name, "--help"] for name in SUBCOMMANDS)]
+    code = (
+        "import sys, contextlib, io\nfrom mma.cli import main\n"
+        f"for argv in {commands!r}:\n"
+        "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n        main(argv)\n"
+        "print(sorted(m for m in ('torch', 'lightning', 'transformers') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.stdout.strip() == "[]", result.stderr
+
+
+def test_help_lists_every_command_and_an_unknown_one_is_named():
+    listed = _mma("--help").stdout
+    assert all(f"  {name} " in listed for name in [*LIGHTNING_COMMANDS, *SUBCOMMANDS])
+    result = _mma("fitt", "--config", "recipes/demo.yaml")
+    assert result.returncode == 2
+    assert result.stderr == (
+        "mma: error: unknown command 'fitt'; commands: fit, validate, test, predict, params, demo, export, ask, "
+        "merge, sweep (see mma --help)\n"
+    )
+
+
+NOISE = ("Seed set", "GPU available", "TPU available", "Tip:", "LeafSpec", "args parameter", "kernels-community")
+
+
+def test_fit_prints_mma_lines_only_and_leaves_the_working_directory_clean(tmp_path):
+    """Lightning's tips, device and seed lines and library warnings are off unless --verbose; a run with
+    ``logger: false`` writes only under runs/ (git-ignored)."""
+    args = ["fit", "--config", str(ROOT / "tests/sweep_fixtures/tiny.yaml"), "--trainer.max_steps", "1"]
+    quiet = subprocess.run([sys.executable, "-m", "mma.cli", *args], capture_output=True, text=True, cwd=tmp_path)
+    assert quiet.returncode == 0, quiet.stderr
+    assert not [line for line in quiet.stderr.splitlines() if any(noise in line for noise in NOISE)], quiet.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["runs"]
+    verbose = subprocess.run(
+        [sys.executable, "-m", "mma.cli", *args, "--verbose"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert verbose.returncode == 0 and "Seed set to 0" in verbose.stderr and "GPU available" in verbose.stderr

@@ -50,7 +50,8 @@ def _fit_two_processes(root: Path) -> Path:
         os.killpg(process.pid, signal.SIGKILL)  # the second rank too
         raise
     assert process.returncode == 0, output[-3000:]
-    (checkpoint,) = (root / "checkpoints").glob(f"*step={STEPS}.ckpt")
+    checkpoint = root / "checkpoints" / "last.ckpt"
+    assert torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"] == STEPS
     return checkpoint
 
 

@@ -1,9 +1,17 @@
 """The Lightning module on tiny backbones: it learns, touches only adapters, resumes exactly, stops on NaN."""
 
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
-from conftest import LossLog, assert_backbones_in_eval, tiny_config, tiny_trainer
+from conftest import TINY_LLM, LossLog, assert_backbones_in_eval, tiny_config, tiny_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from mma.adapters import registered_adapters
@@ -201,3 +209,113 @@ def test_backbones_stay_in_eval_during_a_lightning_fit(adapter):
     trainer = tiny_trainer(max_steps=3, val_check_interval=2, limit_val_batches=1, callbacks=[check])
     trainer.fit(module, datamodule=data)
     assert check.checked == 3
+
+
+def test_a_diverging_run_never_writes_a_non_finite_checkpoint(tmp_path):
+    """With lr 1e3 an optimizer step breaks the weights while its loss was finite: the run stops at that step,
+    and every checkpoint on disk (one per step) holds only finite tensors."""
+    with pytest.raises(TrainingDiverged, match=r"optimizer step 5 left \d+ trainable tensor\(s\) non-finite"):
+        _run(tmp_path, max_steps=8, lr=1e3, callbacks=[_every_step(tmp_path)])
+    saved = sorted(p.name for p in tmp_path.glob("*.ckpt"))
+    assert saved == ["last.ckpt", "step=1.ckpt", "step=2.ckpt", "step=3.ckpt", "step=4.ckpt"]
+    for name in saved:
+        state = torch.load(tmp_path / name, weights_only=True)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values()), name
+
+
+class _PoisonBeforeSave(Callback):
+    """Turns one adapter weight into NaN after optimizer step ``step``, before the checkpoint callback runs."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                module.model.projector.net[0].weight.fill_(float("nan"))
+
+
+def test_a_checkpoint_with_a_non_finite_weight_is_never_written(tmp_path):
+    with pytest.raises(TrainingDiverged, match="refusing to save a checkpoint at step 2: 1 trainable tensor"):
+        _run(tmp_path, max_steps=4, callbacks=[_PoisonBeforeSave(2), _every_step(tmp_path)])
+    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["last.ckpt", "step=1.ckpt"]
+
+
+TINY_RECIPE = Path(__file__).parent / "sweep_fixtures" / "tiny.yaml"
+
+
+def _fit_command(root: Path, *extra: str) -> list[str]:
+    """`mma fit` of the tiny recipe for 12 steps (3 epochs of 4), ``last.ckpt`` every 2 steps, into ``root``."""
+    options = ["--trainer.max_steps", "12", "--trainer.enable_checkpointing", "true"]
+    options += ["--checkpoint.every_n_train_steps", "2", "--trainer.default_root_dir", str(root)]
+    return [sys.executable, "-m", "mma.cli", "fit", "--config", str(TINY_RECIPE), *options, *extra]
+
+
+def _kill_after_saves(process: subprocess.Popen, last: Path, saves: int) -> None:
+    """SIGKILL ``process`` as soon as it has written ``last`` ``saves`` times."""
+    seen, stamp = 0, None
+    while seen < saves:
+        assert process.poll() is None, "the run ended before it could be killed"
+        now = last.stat().st_mtime_ns if last.exists() else None
+        seen, stamp = seen + (now != stamp), now
+        time.sleep(0.002)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+
+
+def test_a_killed_fit_resumes_from_last_to_the_same_weights(tmp_path):
+    """A real `kill -9` at a random step of 12, then `--ckpt_path last`: bit-identical to an uninterrupted run."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    quiet = {"env": env, "stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE, "text": True}
+    straight = subprocess.Popen(_fit_command(tmp_path / "straight"), **quiet)
+    killed = subprocess.Popen(_fit_command(tmp_path / "killed"), **quiet)
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    saves = random.randint(1, 4)  # killed between steps 2 and 10
+    _kill_after_saves(killed, last, saves)
+    step = torch.load(last, weights_only=True)["global_step"]
+    assert 2 <= step < 12, (saves, step)
+    resumed = subprocess.run(
+        _fit_command(tmp_path / "killed", "--ckpt_path", "last"), env=env, capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from {last}" in resumed.stderr and "not resumable" not in resumed.stderr
+    assert straight.wait() == 0, straight.stderr.read()
+    expected = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=True)
+    final = torch.load(last, weights_only=True)
+    assert final["global_step"] == expected["global_step"] == 12
+    assert final["state_dict"].keys() == expected["state_dict"].keys()
+    for key, value in expected["state_dict"].items():
+        assert torch.equal(final["state_dict"][key], value), (key, f"killed at step {step}")
+
+
+def test_ckpt_path_takes_moved_backbones_but_refuses_other_model_settings(tmp_path, capsys):
+    """LightningCLI would silently reload the checkpoint's model settings; mma honours a moved LLM folder and
+    names any other setting that differs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mma.backbones.tokenizer import byte_tokenizer
+    from mma.cli import main
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**TINY_LLM)).save_pretrained(tmp_path / "llm")
+    byte_tokenizer().save_pretrained(tmp_path / "llm")
+    fit = _fit_command(tmp_path / "run")[3:]  # `fit --config ...` without the interpreter
+    main([*fit, "--trainer.max_steps", "2", "--model.model.llm.path", str(tmp_path / "llm")])
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    (tmp_path / "llm").rename(tmp_path / "moved")
+    with pytest.raises(SystemExit):
+        main(
+            [
+                *fit,
+                "--model.model.llm.path",
+                str(tmp_path / "moved"),
+                "--model.model.adapter.hidden",
+                "4",
+                "--ckpt_path",
+                str(ckpt),
+            ]
+        )
+    err = capsys.readouterr().err
+    assert f"{ckpt} was trained with other model settings: --model.model.adapter.hidden: checkpoint 8, given 4." in err
+    main([*fit, "--trainer.max_steps", "4", "--model.model.llm.path", str(tmp_path / "moved"), "--ckpt_path", "last"])
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 4

@@ -1,8 +1,10 @@
 """Cheap checks of weights files before a library tries, and fails obscurely, to parse them."""
 
+import contextlib
 import importlib.util
 import json
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 from mma.errors import BackboneError
@@ -68,3 +70,14 @@ def read_safetensors_header(path: Path) -> dict:
         if not 0 <= begin <= end <= data_len:
             raise BackboneError(f"{path}: truncated or corrupted (tensor {name!r} lies outside the file)")
     return header
+
+
+@contextlib.contextmanager
+def reading(path: str | Path) -> Iterator[None]:
+    """A library's failure to parse a weights file or folder (a truncated download, a foreign file) as one line
+    naming it; the cheap checks above cannot see a GGUF cut short after its header."""
+    try:
+        yield
+    except (ValueError, IndexError, EOFError, OSError, struct.error) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BackboneError(f"{path}: cannot be read, truncated or corrupted? ({reason})") from None

@@ -18,7 +18,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from mma.backbones.files import check_exists, check_gguf, read_safetensors_header, resolve_path
+from mma.backbones.files import check_exists, check_gguf, read_safetensors_header, reading, resolve_path
 from mma.backbones.quantize import keep_4bit_layout, load_nf4, quantize_in_place
 from mma.backbones.tokenizer import byte_tokenizer
 from mma.errors import BackboneError, ConfigError
@@ -98,7 +98,8 @@ def llm_config(spec: LLMSpec) -> LlamaConfig:
     """The architecture config alone: read from the weights' folder or file, or built from shape + config."""
     if spec.path is not None:
         folder, gguf_file = _locate(spec.path)
-        return AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
+        with reading(spec.path):
+            return AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
     if spec.shape is not None and spec.shape not in LLAMA_SHAPES:
         raise ConfigError(f"unknown LLM shape {spec.shape!r}; known shapes: {sorted(LLAMA_SHAPES)}")
     if spec.shape is None and not spec.config:
@@ -202,16 +203,17 @@ def _from_weights(path: str, dtype: torch.dtype, quantization: BitsAndBytesConfi
             f"{path}: transformers cannot load a GGUF file with bitsandbytes 8-bit quantization; use nf4, or save "
             "the model to a folder first"
         )
-    return AutoModelForCausalLM.from_pretrained(
-        folder,
-        gguf_file=gguf_file,
-        dtype=dtype,
-        attn_implementation="sdpa",
-        low_cpu_mem_usage=True,
-        # GGUF: unpacked to dense ``dtype`` weights, which adapters wrap and gradients flow through (transformers
-        # 5.24+ would otherwise keep GGUF-packed layers where it finds a kernel for them)
-        quantization_config=GgufConfig(dequantize=True) if gguf_file is not None else quantization,
-    )
+    with reading(path):
+        return AutoModelForCausalLM.from_pretrained(
+            folder,
+            gguf_file=gguf_file,
+            dtype=dtype,
+            attn_implementation="sdpa",
+            low_cpu_mem_usage=True,
+            # GGUF: unpacked to dense ``dtype`` weights, which adapters wrap and gradients flow through
+            # (transformers 5.24+ would otherwise keep GGUF-packed layers where it finds a kernel for them)
+            quantization_config=GgufConfig(dequantize=True) if gguf_file is not None else quantization,
+        )
 
 
 def _check_llama_family(model: PreTrainedModel, source: str) -> None:

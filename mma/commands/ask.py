@@ -8,11 +8,6 @@ mma's tasks train on; without it the text is the whole prompt.
 import argparse
 from pathlib import Path
 
-from mma.checkpoint import AdapterSource, read_adapter_config, saved_model_config
-from mma.data.images import load_image
-from mma.data.prompts import question_prompt
-from mma.module import MMAModule
-
 
 def ask(
     adapter: Path,
@@ -23,6 +18,12 @@ def ask(
     ignore_fingerprint: bool = False,
 ) -> str:
     """Greedy answer of the adapted model to one question, with or without a picture."""
+    # Imported here: `mma ask --help` answers without loading torch.
+    from mma.checkpoint import AdapterSource, read_adapter_config, saved_model_config
+    from mma.data.images import load_image
+    from mma.data.prompts import question_prompt
+    from mma.module import MMAModule
+
     saved = read_adapter_config(adapter)
     module = MMAModule(
         saved_model_config(saved, adapter),

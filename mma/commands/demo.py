@@ -11,9 +11,6 @@ import time
 from rich.console import Console
 from rich.table import Table
 
-from mma.parameters import count_parameters
-from mma.recipe import config_cli
-
 
 def _accuracy(metrics: dict, key: str) -> str:
     value = metrics.get(key)
@@ -24,6 +21,10 @@ def demo_command(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="mma demo", description=__doc__)
     parser.add_argument("--config", default="recipes/demo.yaml", help="recipe YAML (default: %(default)s)")
     args, overrides = parser.parse_known_args(argv)
+    # Imported once the arguments parse: `mma demo --help` answers without loading torch.
+    from mma.parameters import count_parameters
+    from mma.recipe import config_cli
+
     start = time.perf_counter()
     cli = config_cli(args.config, overrides)
     module, data, trainer = cli.model, cli.datamodule, cli.trainer

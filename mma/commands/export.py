@@ -3,46 +3,38 @@
 The checkpoint is the user's own training output and is read with ``torch.load(weights_only=True)`` (plain tensors
 and containers only). The backbones its recipe names are loaded once more, to check the weights fit them and to
 fingerprint them; the run's ``config.yaml`` and ``metrics.csv`` next to the checkpoint go on the card.
+
+torch and the model code are imported inside the functions that use them, so `mma export --help` answers at once.
 """
+
+from __future__ import annotations
 
 import argparse
 import csv
 import json
 import logging
-import pickle
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from mma.adapters import adapter_parameter_names
-from mma.build import build_model, model_config_from_dict
-from mma.checkpoint import check_names, save_adapter
-from mma.errors import AdapterError
-from mma.model import VisionLanguageModel
-from mma.peft_format import save_peft_lora
+    from mma.model import VisionLanguageModel
 
 log = logging.getLogger(__name__)
 
 
-def read_checkpoint(path: Path) -> dict:
-    """A checkpoint written by ``MMAModule``, loaded without running any pickled code."""
-    if not path.is_file():
-        raise AdapterError(f"checkpoint {path} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        reason = str(err).strip().splitlines()[0]
-        raise AdapterError(f"{path} is not a Lightning checkpoint of plain tensors ({reason})") from None
-    if "model" not in checkpoint.get("hyper_parameters", {}) or "state_dict" not in checkpoint:
-        raise AdapterError(f"{path} was not written by mma's MMAModule (no model settings or state_dict)")
-    return checkpoint
-
-
 def load_trainable(model: VisionLanguageModel, state_dict: dict[str, torch.Tensor], source: str) -> None:
     """Copy a checkpoint's ``model.``-prefixed trainable weights into ``model``; names must match exactly."""
+    import torch
+
+    from mma.adapters import adapter_parameter_names
+    from mma.checkpoint import check_names, refuse_non_finite
+
     weights = {name.removeprefix("model."): tensor for name, tensor in state_dict.items()}
     expected = adapter_parameter_names(model)
     check_names(expected, set(weights), source)
+    refuse_non_finite(weights, source)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name in expected:
@@ -75,6 +67,13 @@ def export_checkpoint(
 ) -> Path:
     """Rebuild the checkpoint's model, load its trainable weights and save them as an adapter folder (and, for
     LoRA, also in peft's folder format at ``peft_out``)."""
+    from mma.build import build_model, model_config_from_dict
+    from mma.checkpoint import check_replaceable, save_adapter
+    from mma.peft_format import save_peft_lora
+    from mma.resume import read_checkpoint
+
+    for folder in filter(None, (out, peft_out)):
+        check_replaceable(folder, overwrite)
     checkpoint = read_checkpoint(ckpt)
     hyper = checkpoint["hyper_parameters"]
     config = model_config_from_dict(hyper["model"])
@@ -108,7 +107,7 @@ def export_command(argv: list[str]) -> None:
     parser.add_argument("--ckpt", required=True, help="Lightning checkpoint written by mma fit")
     parser.add_argument("--out", required=True, help="adapter folder to write (must not exist)")
     parser.add_argument("--license", default="unknown", help="licence of the adapter weights, for the card")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace a folder an earlier export or merge wrote")
     parser.add_argument("--peft", help="LoRA only: also write the LLM's LoRA in peft's folder format here")
     args = parser.parse_args(argv)
     peft_out = Path(args.peft) if args.peft else None

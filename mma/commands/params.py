@@ -5,15 +5,16 @@ import argparse
 from rich.console import Console
 from rich.table import Table
 
-from mma.build import build_model
-from mma.parameters import PART_NAMES, count_by_kind, count_parameters
-from mma.recipe import config_cli
-
 
 def params_command(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="mma params", description=__doc__)
     parser.add_argument("--config", required=True, help="recipe YAML")
     args, overrides = parser.parse_known_args(argv)
+    # Imported once the arguments parse: `mma params --help` answers without loading torch.
+    from mma.build import build_model
+    from mma.parameters import PART_NAMES, count_by_kind, count_parameters
+    from mma.recipe import config_cli
+
     config = config_cli(args.config, overrides).model.model_config
     model = build_model(config, device="meta")
     counts = count_parameters(model)

@@ -16,8 +16,6 @@ from rich.console import Console
 from rich.markdown import Markdown
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mma.sweep import execute, is_done, load_sweep, read_metrics, resolve_all, run_folder, write_report
-
 log = logging.getLogger(__name__)
 
 
@@ -37,6 +35,9 @@ def sweep_command(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="mma sweep", description=__doc__)
     parser.add_argument("sweep", help="sweep file, e.g. experiments/param-table/sweep.yaml")
     args = parser.parse_args(argv)
+    # Imported once the arguments parse: `mma sweep --help` answers without loading torch.
+    from mma.sweep import execute, is_done, load_sweep, read_metrics, resolve_all, run_folder, write_report
+
     start, ran = time.perf_counter(), 0
     path = Path(args.sweep)
     spec = load_sweep(path)

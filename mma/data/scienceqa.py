@@ -53,35 +53,52 @@ def official_groups(problem: dict) -> list[str]:
     return [*groups, "Avg"]
 
 
-def _read_json(path: Path) -> dict | list:
+def _read_json(path: Path, shape: type[dict] | type[list], what: str) -> dict | list:
+    """The JSON file at ``path``, which must be a mapping or a list (``what`` says of what, for the error)."""
     if not path.is_file():
         raise DataError(f"{path} does not exist")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DataError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, shape):
+        expected = "an object" if shape is dict else "a list"
+        raise DataError(f"{path}: expected {expected} ({what}), found {type(data).__name__}")
+    return data
 
 
 def check_problem(pid: str, problem: dict) -> None:
-    """Refuse a problem that cannot be asked: no choices, more than 26, or an answer index outside them."""
-    choices = problem.get("choices") or []
+    """Refuse a problem that cannot be asked: not a mapping, no question, choices that are not a list of texts,
+    more than 26 of them, or an answer that is not an index into them."""
+    if not isinstance(problem, dict):
+        raise DataError(f"problem {pid}: expected an object, found {type(problem).__name__}")
+    if not isinstance(problem.get("question"), str):
+        raise DataError(f"problem {pid}: question must be a text, found {problem.get('question')!r}")
+    choices = problem.get("choices")
+    if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
+        raise DataError(f"problem {pid}: choices must be a list of texts, found {choices!r}")
     if not choices:
         raise DataError(f"problem {pid}: has no choices")
     if len(choices) > len(LETTERS):
         raise DataError(f"problem {pid}: {len(choices)} choices, at most {len(LETTERS)} can be lettered")
     answer = problem.get("answer")
-    if not isinstance(answer, int) or not 0 <= answer < len(choices):
+    if isinstance(answer, bool) or not isinstance(answer, int):
+        raise DataError(f"problem {pid}: answer must be the index of a choice, found {answer!r}")
+    if not 0 <= answer < len(choices):
         raise DataError(f"problem {pid}: answer index {answer!r} out of range for {len(choices)} choices")
 
 
 def load_problems(root: Path, captions: str | None = None) -> tuple[dict, dict]:
     """``problems.json`` and ``pid_splits.json`` of ``root``, every problem checked; captions merged if given."""
-    problems = _read_json(root / "problems.json")
-    splits = _read_json(root / "pid_splits.json")
+    problems = _read_json(root / "problems.json", dict, "problem id -> problem")
+    splits = _read_json(root / "pid_splits.json", dict, "split name -> problem ids")
     for pid, problem in problems.items():
-        check_problem(pid, problem)
+        try:
+            check_problem(pid, problem)
+        except DataError as err:
+            raise DataError(f"{root / 'problems.json'}: {err}") from None
     if captions is not None:
-        for pid, caption in _read_json(Path(captions)).get("captions", {}).items():
+        for pid, caption in _read_json(Path(captions), dict, '{"captions": {pid: text}}').get("captions", {}).items():
             if pid in problems:
                 problems[pid]["caption"] = caption
     return problems, splits
@@ -105,8 +122,13 @@ def find_missing_images(images: dict[str, Path], policy: MissingImages, where: s
 
 
 def split_ids(problems: dict, splits: dict, split: str, root: Path) -> list[str]:
+    path = root / "pid_splits.json"
     if split not in splits:
-        raise DataError(f"{root / 'pid_splits.json'}: unknown split {split!r}; splits: {sorted(splits)}")
+        raise DataError(f"{path}: unknown split {split!r}; splits: {sorted(splits)}")
+    if not isinstance(splits[split], list):
+        raise DataError(f"{path}: split {split!r} must be a list of problem ids, found {type(splits[split]).__name__}")
+    if not splits[split]:
+        raise DataError(f"{path}: split {split!r} is empty")
     unknown = [pid for pid in splits[split] if pid not in problems]
     if unknown:
         raise DataError(f"{root}: split {split!r} lists problems missing from problems.json: {unknown[:5]}")
@@ -134,6 +156,8 @@ class ScienceQA(Dataset):
         self.images = {pid: self._image_path(root, pid) for pid in pids if problems[pid].get("image")}
         missing = find_missing_images(self.images, missing_images, f"split {split!r}")
         self.pids = [pid for pid in pids if not (pid in missing and missing_images == "skip")]
+        if not self.pids:
+            raise DataError(f"split {split!r}: every problem lacks its image and missing_images is skip")
         for pid in missing:
             self.images.pop(pid)
 
@@ -337,9 +361,9 @@ class LLaVAScienceQA(Dataset):
         style: str | None = None,
         missing_images: MissingImages = "error",
     ) -> None:
-        records = _read_json(path)
-        if not isinstance(records, list) or not records:
-            raise DataError(f"{path}: not a list of LLaVA conversation records")
+        records = _read_json(path, list, "LLaVA conversation records")
+        if not records:
+            raise DataError(f"{path}: no records")
         self.style = llava_style(records, path, style)
         parsed = [parse_llava_record(record, self.style, path) for record in records]
         images = {str(r["id"]): image_root / r["image"] for r in records if r.get("image")}

@@ -7,7 +7,6 @@ command-line options, so a sweep accepts exactly what ``mma fit`` accepts and re
 import contextlib
 import dataclasses
 import hashlib
-import io
 import itertools
 import json
 import logging
@@ -19,6 +18,7 @@ from typing import Any
 import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from mma.errors import ConfigError, MMAError
 
@@ -84,7 +84,12 @@ class Run:
 
 def load_sweep(path: str | Path) -> SweepSpec:
     """Read a sweep file (OmegaConf interpolation allowed); an unknown top-level key or mode is named."""
-    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    if not Path(path).is_file():
+        raise ConfigError(f"sweep file {path} does not exist")
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except (yaml.YAMLError, UnicodeDecodeError, OmegaConfBaseException) as err:
+        raise ConfigError(f"sweep {path} is not a readable YAML file ({str(err).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"sweep {path} is not a mapping")
     known = {f.name for f in dataclasses.fields(SweepSpec)}
@@ -152,16 +157,12 @@ def cli_value(value: Any) -> str:
 
 
 def parse(recipe: str, args: list[str]):
-    """``mma.recipe.config_cli`` with its exits and instantiation errors turned into one ``ConfigError`` line."""
+    """``mma.recipe.config_cli`` with its instantiation errors turned into one ``ConfigError`` line (parse errors
+    already are one)."""
     from mma.recipe import config_cli
 
-    stderr = io.StringIO()
     try:
-        with contextlib.redirect_stderr(stderr):
-            return config_cli(recipe, args)
-    except SystemExit:
-        message = stderr.getvalue().rpartition("error: ")[2].strip() or "the recipe does not parse"
-        raise ConfigError(" ".join(message.split())) from None
+        return config_cli(recipe, args)
     except (MMAError, MisconfigurationException, ValueError, TypeError) as err:
         raise ConfigError(str(err)) from None
 

@@ -38,20 +38,21 @@ class VLMCollator:
         self.layout = layout
         self.modality_token = layout.modality_token
         self.max_length = max_length
-        encode = self._encode
+        encode = self.encode
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         slots = [layout.image_slot] * num_visual_tokens if layout.visual_in_sequence else []
         self._image_prefix = bos + encode(layout.image_prefix) + slots
         self._text_prefix = bos + encode(layout.text_prefix)
 
-    def _encode(self, text: str) -> list[int]:
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` without BOS/EOS (special tokens written in the text are kept as such)."""
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
     def __call__(self, samples: list[dict]) -> dict:
         rows = [row for sample in samples for row in self._expand(sample)]
-        batch = self._pad([self._sequence(sample, answer) for sample, answer in rows])
+        batch = self.pad([self._sequence(sample, answer) for sample, answer in rows])
         # One transform per picture, shared by every option row of its sample.
-        pixels = {id(s): self._pixels(s["image"]) for s in samples if s["image"] is not None}
+        pixels = {id(s): self.pixels(s["image"]) for s in samples if s["image"] is not None}
         images = [pixels[id(sample)] for sample, _ in rows if sample["image"] is not None]
         batch["pixel_values"] = torch.stack(images) if images else None
         batch["has_image"] = torch.tensor([sample["image"] is not None for sample, _ in rows])
@@ -69,10 +70,9 @@ class VLMCollator:
         return [(sample, sample.get("answer"))]
 
     def _sequence(self, sample: dict, answer: str | None) -> tuple[list[int], list[int]]:
-        prefix = self._image_prefix if sample["image"] is not None else self._text_prefix
-        prompt = prefix + self._encode(self.layout.prompt_separator + sample["prompt"])
+        prompt = self.prefix(sample["image"] is not None) + self.encode(self.layout.prompt_separator + sample["prompt"])
         target = (
-            self._encode(self.layout.answer_separator + answer) + [self.tokenizer.eos_token_id]
+            self.encode(self.layout.answer_separator + answer) + [self.tokenizer.eos_token_id]
             if answer is not None
             else []
         )
@@ -84,7 +84,11 @@ class VLMCollator:
             )
         return ids, labels
 
-    def _pad(self, sequences: list[tuple[list[int], list[int]]]) -> dict:
+    def prefix(self, has_image: bool) -> list[int]:
+        """The layout's head of a row: BOS, then the image prefix and visual slots, or the text-only prefix."""
+        return self._image_prefix if has_image else self._text_prefix
+
+    def pad(self, sequences: list[tuple[list[int], list[int]]]) -> dict:
         """Left-pad, keeping the modality slot at index 0 of every row."""
         head = [self.layout.modality_slot] if self.modality_token else []
         width = max(len(ids) for ids, _ in sequences)
@@ -100,5 +104,6 @@ class VLMCollator:
             "attention_mask": torch.tensor(mask),
         }
 
-    def _pixels(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
+    def pixels(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
+        """(3, H, W) pixels of a picture: transformed, or taken as they are when already a tensor."""
         return image if isinstance(image, torch.Tensor) else self.transform(image.convert("RGB"))

@@ -103,9 +103,19 @@ def test_long_conversations_are_cut_between_turns_and_counted(caplog):
         batch = c([sample()])
     assert shown(c, batch).endswith("Response:[ circle</s>]")
     assert c.cut == 1 and "conv-1 is longer than max_length" in caplog.text and "first 2 of 3 turns" in caplog.text
-    c.base.max_length = head + first - 1
-    with pytest.raises(DataError, match="conversation conv-1: its first turn takes"):
-        c([sample()])
+
+
+def test_a_conversation_whose_first_turn_does_not_fit_is_left_out(caplog):
+    c = collator("plain")
+    short = {**sample(THREE_TURNS[:2], image=False), "id": "short"}
+    long = sample([{"role": "user", "content": "Tell me. " * 10}, {"role": "assistant", "content": "red"}])
+    c.base.max_length = 1 + len(c.sequence(short)[0])  # the short one fits exactly
+    with caplog.at_level(logging.WARNING, logger="mma.data.dialogue_collate"):
+        batch = c([long, short])
+    assert batch["id"] == ["short"] and batch["has_image"].tolist() == [False] and batch["pixel_values"] is None
+    assert c.dropped == 1 and "conv-1 is longer than max_length" in caplog.text and "left out" in caplog.text
+    with pytest.raises(DataError, match=r"every conversation of a batch \(\['conv-1'\]\) has a first turn longer"):
+        c([long])
 
 
 def test_templates_that_cannot_be_split_are_refused():

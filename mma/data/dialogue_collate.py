@@ -22,7 +22,7 @@ text is then tokenized piece by piece, so a turn's prompt has the tokens it has 
 and no token straddles a label boundary.
 
 A row longer than ``max_length`` keeps the whole turns (prompt + answer) from the start that fit, never part of an
-answer; cut conversations are counted and logged.
+answer; a conversation whose first turn does not fit is left out of its batch. Both are counted and logged.
 """
 
 import logging
@@ -119,9 +119,17 @@ class ConversationCollator:
         self.base = base
         self.renderer = ChatRenderer(base.tokenizer, template)
         self.cut = 0  # conversations cut to fewer turns by this process
+        self.dropped = 0  # conversations left out: not even their first turn fits
 
     def __call__(self, samples: list[dict]) -> dict:
-        return self._batch(samples, [self.sequence(sample) for sample in samples])
+        rows = [(sample, self.sequence(sample)) for sample in samples]
+        kept = [(sample, row) for sample, row in rows if row is not None]
+        if not kept:
+            raise DataError(
+                f"every conversation of a batch ({[s.get('id', '?') for s in samples]}) has a first turn longer than "
+                f"max_length ({self.base.max_length}) allows: raise max_length"
+            )
+        return self._batch([sample for sample, _ in kept], [row for _, row in kept])
 
     def prompts(self, samples: list[dict]) -> dict:
         """Rows for ``generate``: each conversation (ending with a user turn) and the generation prompt."""
@@ -139,8 +147,9 @@ class ConversationCollator:
         encoded[0] = self.base.encode(self.base.layout.prompt_separator + pieces[0][0])
         return [(encoded[k], encoded[k + 1] if k + 1 < len(encoded) else []) for k in range(0, len(encoded), 2)]
 
-    def sequence(self, sample: dict) -> tuple[list[int], list[int]]:
-        """Token ids and labels of one conversation, cut after the last whole turn that fits ``max_length``."""
+    def sequence(self, sample: dict) -> tuple[list[int], list[int]] | None:
+        """Token ids and labels of one conversation, cut after the last whole turn that fits ``max_length``; None
+        (the conversation is left out) when not even the first turn fits."""
         head = self.base.prefix(sample["image"] is not None)
         turns = self.turns(sample["messages"])[:-1]  # the text after the last answer is never trained
         if not turns:
@@ -148,30 +157,31 @@ class ConversationCollator:
         budget = self.base.max_length - int(self.base.modality_token) - len(head)
         lengths = torch.tensor([len(prompt) + len(answer) for prompt, answer in turns]).cumsum(0)
         kept = int((lengths <= budget).sum())
-        if kept == 0:
-            raise DataError(
-                f"conversation {sample.get('id', '?')}: its first turn takes {int(lengths[0])} tokens after a head "
-                f"of {len(head)}, more than max_length ({self.base.max_length}) allows: raise max_length"
-            )
         if kept < len(turns):
-            self._count_cut(sample, kept, len(turns))
+            self._count(sample, kept, len(turns))
+        if kept == 0:
+            return None
         ids, labels = list(head), [IGNORE_INDEX] * len(head)
         for prompt, answer in turns[:kept]:
             ids += prompt + answer
             labels += [IGNORE_INDEX] * len(prompt) + answer
         return ids, labels
 
-    def _count_cut(self, sample: dict, kept: int, total: int) -> None:
-        self.cut += 1
-        if self.cut & (self.cut - 1) == 0:  # the 1st, 2nd, 4th, 8th, ... cut: a few lines even in a long run
+    def _count(self, sample: dict, kept: int, total: int) -> None:
+        """Count a conversation cut short (``cut``) or left out (``dropped``, ``kept`` 0); log the 1st, 2nd, 4th,
+        8th, ... of each, so a long run logs a few lines with running totals."""
+        kind = "cut" if kept else "dropped"
+        setattr(self, kind, getattr(self, kind) + 1)
+        count = getattr(self, kind)
+        if count & (count - 1) == 0:
             log.warning(
-                "conversation %s is longer than max_length %d: trained on its first %d of %d turns "
-                "(%d conversations cut so far by this process)",
+                "conversation %s is longer than max_length %d: %s (%d conversations cut, %d left out so far by "
+                "this process)",
                 sample.get("id", "?"),
                 self.base.max_length,
-                kept,
-                total,
+                f"trained on its first {kept} of {total} turns" if kept else "left out, its first turn does not fit",
                 self.cut,
+                self.dropped,
             )
 
     def _batch(self, samples: list[dict], rows: list[tuple[list[int], list[int]]]) -> dict:

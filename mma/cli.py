@@ -1,5 +1,5 @@
 """The ``mma`` command: LightningCLI's fit / validate / test / predict, plus ``params``, ``demo``, ``export``,
-``ask``, ``merge`` and ``sweep``. Heavy libraries are imported only by the command that runs."""
+``ask``, ``chat``, ``merge`` and ``sweep``. Heavy libraries are imported only by the command that runs."""
 
 import importlib
 import logging
@@ -11,7 +11,7 @@ from mma.errors import MMAError
 log = logging.getLogger("mma")
 
 # Subcommands beyond LightningCLI's own; each is ``mma.commands.<name>.<name>_command(argv)``.
-SUBCOMMANDS = ("params", "demo", "export", "ask", "merge", "sweep")
+SUBCOMMANDS = ("params", "demo", "export", "ask", "chat", "merge", "sweep")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -72,7 +72,7 @@ class ChatRenderer:
     """Renders conversations with one template and splits the text into masked and trained pieces."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, template: TemplateName) -> None:
-        self.tokenizer = tokenizer
+        self.tokenizer, self.name = tokenizer, template
         self.template = template_text(tokenizer, template)
         self.eos = tokenizer.eos_token or ""
 

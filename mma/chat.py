@@ -129,13 +129,15 @@ def load_chat(
     template: TemplateName | None = None,
     max_new_tokens: int = 128,
     ignore_fingerprint: bool = False,
+    max_length: int | None = None,
 ) -> ChatSession:
     """A session on an exported adapter's backbones, laid out with ``template`` (default: the one it was trained
-    with, as its training record says, else the tokenizer's chat template when it has one, else ``plain``)."""
+    with, as its training record says, else the tokenizer's chat template when it has one, else ``plain``);
+    ``max_length`` (default: the training one) bounds the rows its collator lays out for scoring."""
     saved = read_adapter_config(adapter)
     module = MMAModule(
         saved_model_config(saved, Path(adapter)),
-        max_length=saved["prompt_format"]["max_length"],
+        max_length=max_length or saved["prompt_format"]["max_length"],
         adapter=AdapterSource(str(adapter), ignore_fingerprint),
     )
     module.configure_model()

@@ -37,6 +37,13 @@ def batches(conversations: Sequence[Conversation], size: int) -> list[list[dict]
     ]
 
 
+def fitting(conversations: Sequence[Conversation], collators: Sequence[ConversationCollator]) -> list[Conversation]:
+    """The conversations whose first turn fits every collator's ``max_length``, so models compare on the same ones."""
+    samples = [{"messages": list(c.messages), "image": c.image, "id": c.id} for c in conversations]
+    keep = [all(collator.sequence(s) is not None for collator in collators) for s in samples]
+    return [c for c, kept in zip(conversations, keep, strict=True) if kept]
+
+
 @torch.no_grad()
 def answer_nll(
     model: VisionLanguageModel,
@@ -159,7 +166,9 @@ def main(argv: list[str] | None = None) -> None:
     dialogues = dialogues[: args.pictures]
     texts = read_source(ConversationSource(args.alpaca))[args.alpaca_from :] if args.alpaca else []
     if texts and args.before:
-        before = load_chat(Path(args.before), after.collator.renderer.name, args.max_new_tokens)
+        max_length = after.collator.base.max_length
+        before = load_chat(Path(args.before), after.collator.renderer.name, args.max_new_tokens, max_length=max_length)
+        texts = fitting(texts, [after.collator, before.collator])
         after_nll = answer_nll(after.model, after.collator, texts)
         console.print(forgetting_table(answer_nll(before.model, before.collator, texts), after_nll))
     image = routing_weights(after.model, after.collator, dialogues)

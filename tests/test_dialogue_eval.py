@@ -11,7 +11,7 @@ from PIL import Image
 from mma.checkpoint import save_adapter
 from mma.data.conversations import Conversation
 from mma.data.dialogue_collate import ConversationCollator
-from mma.dialogue_eval import answer_nll, is_correct, main, routing_weights, turn_accuracy
+from mma.dialogue_eval import answer_nll, fitting, is_correct, main, routing_weights, turn_accuracy
 
 
 def conversations(tmp_path, image: bool, count: int = 3) -> list[Conversation]:
@@ -21,8 +21,8 @@ def conversations(tmp_path, image: bool, count: int = 3) -> list[Conversation]:
     return [Conversation(f"c{i}", messages * 2, picture if image else None) for i in range(count)]
 
 
-def collator(model) -> ConversationCollator:
-    base = collator_for(model)
+def collator(model, max_length: int = 128) -> ConversationCollator:
+    base = collator_for(model, max_length)
     base.transform = lambda picture: torch.zeros(3, 32, 32)
     return ConversationCollator(base, "plain")
 
@@ -35,6 +35,19 @@ def test_identity_adapters_forget_nothing_and_moved_ones_change_the_answers(tmp_
     assert answer_nll(fresh, collator(fresh), texts)[0] == pytest.approx(nll, abs=1e-5)
     perturb(fresh)
     assert answer_nll(fresh, collator(fresh), texts)[0] != pytest.approx(nll, abs=1e-3)
+
+
+def test_models_are_compared_on_the_conversations_both_lay_out(tmp_path):
+    model = tiny_model("none")
+    short = conversations(tmp_path, image=False, count=1)
+    long = [Conversation("long", ({"role": "user", "content": "Tell me. " * 8}, short[0].messages[1]))]
+    roomy, tight = collator(model), collator(model, max_length=len(collator(model).sequence(_sample(short[0]))[0]))
+    assert fitting([*long, *short], [roomy]) == [*long, *short]
+    assert fitting([*long, *short], [roomy, tight]) == short
+
+
+def _sample(conversation: Conversation) -> dict:
+    return {"messages": list(conversation.messages), "image": None, "id": conversation.id}
 
 
 def test_routers_are_read_per_modality(tmp_path):

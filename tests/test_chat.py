@@ -77,18 +77,27 @@ def test_reset_forgets_the_conversation_and_answers_the_same_again(session):
     assert session.ask(QUESTIONS[0]) == first
 
 
-def test_chat_command_runs_a_script_on_an_exported_adapter(tmp_path, capsys, blank_image):
+def test_chat_command_runs_a_three_turn_script_on_an_exported_adapter(tmp_path, capsys, blank_image, monkeypatch):
     model = tiny_model("lavin")
     perturb(model, seed=5)
     folder = save_adapter(model, tiny_config("lavin"), tmp_path / "adapter")
     blank_image.save(tmp_path / "picture.png")
     script = tmp_path / "turns.txt"
-    script.write_text(
-        f"/image {tmp_path / 'picture.png'}\n{QUESTIONS[0]}\n{QUESTIONS[1]}\n/reset\n{QUESTIONS[0]}\n/quit\nNo.\n"
-    )
+    turns = [f"/image {tmp_path / 'picture.png'}", *QUESTIONS, "/reset", QUESTIONS[0], "/quit", "Not asked."]
+    script.write_text("\n".join(turns) + "\n")
+    recorded: list[list[int]] = []
+
+    def counted(*args, **kwargs) -> ChatSession:
+        session = load_chat(*args, **kwargs)
+        recorded.append(forward_lengths(session.model))
+        return session
+
+    monkeypatch.setattr("mma.commands.chat.load_chat", counted)
     main(["chat", "--adapter", str(folder), "--script", str(script), "--max-new-tokens", "4"])
-    printed = capsys.readouterr().out.splitlines()
+    printed = [line.strip() for line in capsys.readouterr().out.splitlines()]
+    [lengths] = recorded
+    assert sum(n > 1 for n in lengths) == 4  # one prefill per turn: three, then one after /reset
     session = load_chat(folder, max_new_tokens=4)  # no chat template on the byte tokenizer: plain
     session.reset(blank_image)
-    expected = [session.ask(QUESTIONS[0]), session.ask(QUESTIONS[1])]
-    assert [line.strip() for line in printed] == [*expected, expected[0]]
+    expected = [session.ask(question) for question in QUESTIONS]
+    assert printed == [*expected, expected[0]]

@@ -12,10 +12,11 @@ name and shape, the file's hash, then the backbone fingerprints (the one check a
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,6 +30,8 @@ from mma.card import adapter_card
 from mma.errors import AdapterError, BackboneError, ConfigError
 from mma.fingerprint import backbone_identity, check_backbones
 from mma.model import VisionLanguageModel
+
+log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -271,6 +274,44 @@ def load_adapter(
     return saved
 
 
+def load_parts(
+    model: VisionLanguageModel,
+    path: str | Path,
+    parts: Sequence[str] = ("projector",),
+    model_config: ModelConfig | None = None,
+) -> dict:
+    """Copy the named top-level parts (``projector``, ``modality_embedding``) of an exported adapter into ``model``
+    and return the adapter's config. The model may use another adapter method: a two-stage run starts stage 2 from
+    stage 1's aligned projector.
+
+    Checked as ``load_adapter`` checks: no pickle, every tensor of those parts by name and shape, the file's hash,
+    the visual settings (with ``model_config``) and the backbone fingerprints, never waived here: a projector aligned
+    to other backbones maps into the wrong space.
+    """
+    folder = Path(path)
+    saved = read_adapter_config(folder)
+    params = dict(model.named_parameters())
+    expected = {name: p.shape for name, p in params.items() if name.split(".")[0] in parts}
+    absent = [part for part in parts if not any(name.split(".")[0] == part for name in expected)]
+    if absent:
+        raise AdapterError(f"cannot start from {folder}: this model has no {absent}")
+    if model_config is not None:
+        before, now = asdict(saved_model_config(saved, folder).visual), asdict(model_config.visual)
+        if before != now:
+            raise AdapterError(f"{folder} was trained with visual settings {before}, this model has {now}")
+    weights = folder / WEIGHTS_FILE
+    check_tensors(weights, expected, parts)
+    if file_sha256(weights) != saved.get("weights", {}).get("sha256"):
+        raise AdapterError(f"{weights} is corrupted or was changed after export (its hash differs from {CONFIG_FILE})")
+    check_backbones(saved, model, model_config, folder, ignore_fingerprint=False)
+    tensors = load_file(weights)
+    with torch.no_grad():
+        for name in expected:
+            params[name].copy_(tensors[name])
+    log.info("started %s from %s (%d tensors)", ", ".join(parts), folder, len(expected))
+    return saved
+
+
 def load_model(
     path: str | Path, ignore_fingerprint: bool = False, device: str | torch.device = "cpu"
 ) -> tuple[VisionLanguageModel, ModelConfig]:
@@ -281,13 +322,16 @@ def load_model(
     return model, config
 
 
-def check_tensors(weights: Path, expected: dict[str, torch.Size]) -> None:
-    """The header (validated, no tensor read) must name exactly the ``expected`` tensors, with their shapes."""
+def check_tensors(weights: Path, expected: dict[str, torch.Size], parts: Sequence[str] | None = None) -> None:
+    """The header (validated, no tensor read) must name exactly the ``expected`` tensors, with their shapes; with
+    ``parts``, only its tensors under those top-level modules are compared."""
     try:
         header = read_safetensors_header(weights)
     except BackboneError as err:
         raise AdapterError(str(err)) from None
     found = {name: info for name, info in header.items() if name != "__metadata__"}
+    if parts is not None:
+        found = {name: info for name, info in found.items() if name.split(".")[0] in parts}
     check_names(set(expected), set(found), str(weights))
     wrong = [
         f"{name} {found[name].get('shape')} (model: {list(shape)})"

@@ -1,5 +1,5 @@
 """The ``mma`` command: LightningCLI's fit / validate / test / predict, plus ``params``, ``demo``, ``export``,
-``ask``, ``merge`` and ``sweep``.
+``ask``, ``chat``, ``merge`` and ``sweep``.
 
 Heavy libraries are imported only by the command that runs: ``mma --help``, ``mma --version`` and ``mma <own
 command> --help`` answer without loading torch. Default output carries mma's own lines; ``--verbose`` (anywhere on
@@ -28,6 +28,7 @@ SUBCOMMANDS = {
     "demo": "evaluate, fine-tune and re-evaluate a recipe on the built-in task",
     "export": "turn a training checkpoint into a shareable adapter folder",
     "ask": "answer one question with an exported adapter",
+    "chat": "a multi-turn conversation with an exported adapter, an optional image, the KV cache kept",
     "merge": "fold an adapter into the LLM's weights as a plain transformers folder",
     "sweep": "run a sweep file's runs one after another and report",
 }

@@ -19,7 +19,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from mma.adapters.base import source_parameters
 from mma.build import ModelConfig, build_model, model_config_dict
-from mma.checkpoint import AdapterSource, load_adapter, non_finite
+from mma.checkpoint import AdapterSource, load_adapter, load_parts, non_finite
 from mma.data.base import Evaluation, MMADataModule
 from mma.data.collate import VLMCollator
 from mma.errors import ConfigError, DataError, TrainingDiverged
@@ -41,6 +41,8 @@ class MMAModule(L.LightningModule):
         image_transform: overrides of the ViT's own data config for the image transform (timm
             ``resolve_data_config`` keys: ``mean``, ``std``, ``interpolation``, ``crop_pct``, ``input_size``).
         adapter: an exported adapter folder (``mma export``) loaded onto the model once it is built.
+        init_from: an exported adapter folder whose projector starts this run (stage 2 of a two-stage run starts
+            from stage 1's aligned projector, whatever method trained it); backbones other than its own are refused.
     """
 
     def __init__(
@@ -52,6 +54,7 @@ class MMAModule(L.LightningModule):
         max_new_tokens: int = 32,
         image_transform: dict | None = None,
         adapter: AdapterSource | None = None,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("max_length", max_length), ("max_new_tokens", max_new_tokens)):
@@ -70,6 +73,7 @@ class MMAModule(L.LightningModule):
                 "max_new_tokens": max_new_tokens,
                 "image_transform": image_transform or {},
                 "adapter": asdict(adapter) if adapter else None,
+                "init_from": init_from,
             }
         )
         self.model: VisionLanguageModel | None = None
@@ -81,6 +85,8 @@ class MMAModule(L.LightningModule):
         if self.model is not None:
             return
         self.model = build_model(self.model_config)
+        if self.hparams.init_from is not None:
+            load_parts(self.model, self.hparams.init_from, ("projector",), self.model_config)
         if self.adapter_source is not None:
             source = self.adapter_source
             load_adapter(self.model, source.path, self.model_config, source.ignore_fingerprint)

@@ -53,13 +53,13 @@ class VLMCollator:
         self.layout = layout
         self.modality_token = layout.modality_token
         self.max_length = max_length
-        encode = self._encode
+        encode = self.encode
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         slots = [layout.image_slot] * num_visual_tokens if layout.visual_in_sequence else []
         self._image_prefix = bos + encode(layout.image_prefix) + slots
         self._text_prefix = bos + encode(layout.text_prefix)
 
-    def _encode(self, text: str) -> list[int]:
+    def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
     def __call__(self, samples: list[dict]) -> dict:
@@ -72,9 +72,9 @@ class VLMCollator:
             rows = self._pack(sequences, [sample["image"] is not None for sample in samples])
             batch = self._packed_rows(sequences, rows)
         else:
-            batch = self._pad([self._sequence(sample, sample.get("answer")) for sample in samples])
+            batch = self.pad([self._sequence(sample, sample.get("answer")) for sample in samples])
         # Pictures in row order, each transformed once: a row's visual token slots take them in turn.
-        images = [self._pixels(samples[i]["image"]) for row in rows for i in row if samples[i]["image"] is not None]
+        images = [self.pixels(samples[i]["image"]) for row in rows for i in row if samples[i]["image"] is not None]
         batch["pixel_values"] = torch.stack(images) if images else None
         batch["has_image"] = torch.tensor([samples[row[0]]["image"] is not None for row in rows])
         if scoring:
@@ -84,12 +84,15 @@ class VLMCollator:
             batch[key] = [sample[key] for sample in samples]
         return batch
 
+    def prefix(self, has_image: bool) -> list[int]:
+        """The layout's head of a row: BOS, the image or text prefix and, in the sequence, the visual slots."""
+        return self._image_prefix if has_image else self._text_prefix
+
     def _prompt(self, sample: dict) -> list[int]:
-        prefix = self._image_prefix if sample["image"] is not None else self._text_prefix
-        return prefix + self._encode(self.layout.prompt_separator + sample["prompt"])
+        return self.prefix(sample["image"] is not None) + self.encode(self.layout.prompt_separator + sample["prompt"])
 
     def _target(self, answer: str) -> list[int]:
-        return self._encode(self.layout.answer_separator + answer) + [self.tokenizer.eos_token_id]
+        return self.encode(self.layout.answer_separator + answer) + [self.tokenizer.eos_token_id]
 
     def _sequence(self, sample: dict, answer: str | None) -> tuple[list[int], list[int]]:
         prompt = self._prompt(sample)
@@ -124,7 +127,7 @@ class VLMCollator:
                 ids, labels, row_segments = ids + target, labels + target, row_segments + [k] * len(target)
             rows.append((ids, labels))
             segments.append(row_segments)
-        return self._pad(rows, segments)
+        return self.pad(rows, segments)
 
     def _pack(self, sequences: list[tuple[list[int], list[int]]], has_image: list[bool]) -> list[list[int]]:
         """Sample numbers in each packed row: first-fit decreasing into rows of ``max_length``, pictured and
@@ -144,9 +147,9 @@ class VLMCollator:
         for row in rows:
             packed.append(([t for i in row for t in sequences[i][0]], [t for i in row for t in sequences[i][1]]))
             sample_ids.append([i + 1 for i in row for _ in sequences[i][0]])
-        return self._pad(packed, sample_ids, key="sample_ids")
+        return self.pad(packed, sample_ids, key="sample_ids")
 
-    def _pad(
+    def pad(
         self,
         sequences: list[tuple[list[int], list[int]]],
         segments: list[list[int]] | None = None,
@@ -171,7 +174,7 @@ class VLMCollator:
             batch[key] = torch.tensor([[0] * (len(head) + width - len(row)) + row for row in segments])
         return batch
 
-    def _pixels(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
+    def pixels(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
         return image if isinstance(image, torch.Tensor) else self.transform(image.convert("RGB"))
 
 

@@ -92,7 +92,7 @@ def test_chat_command_runs_a_three_turn_script_on_an_exported_adapter(tmp_path, 
         recorded.append(forward_lengths(session.model))
         return session
 
-    monkeypatch.setattr("mma.commands.chat.load_chat", counted)
+    monkeypatch.setattr("mma.chat.load_chat", counted)  # chat_command imports it when a session starts
     main(["chat", "--adapter", str(folder), "--script", str(script), "--max-new-tokens", "4"])
     printed = [line.strip() for line in capsys.readouterr().out.splitlines()]
     [lengths] = recorded

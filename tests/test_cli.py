@@ -161,7 +161,7 @@ def test_help_lists_every_command_and_an_unknown_one_is_named():
     assert result.returncode == 2
     assert result.stderr == (
         "mma: error: unknown command 'fitt'; commands: fit, validate, test, predict, params, demo, export, ask, "
-        "merge, sweep (see mma --help)\n"
+        "chat, merge, sweep (see mma --help)\n"
     )
 
 

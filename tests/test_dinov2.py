@@ -183,7 +183,8 @@ def test_an_interrupted_conversion_leaves_no_folder_and_the_next_call_succeeds(t
     assert list(tmp_path.iterdir()) == []  # neither the final name nor the hidden staging folder
     folder = dinov2.dinov2_folder(cache_dir=tmp_path)
     assert folder == tmp_path / dinov2.CACHE_NAME
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", dinov2.MANIFEST_FILE, "model.safetensors"]
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == [".mma-written", "config.json", dinov2.MANIFEST_FILE, "model.safetensors"]
 
 
 def test_a_recipe_names_the_onnx_file_as_its_vision_path(monkeypatch, tmp_path):

@@ -11,13 +11,14 @@ import argparse
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from mma.chat import ChatSession, load_chat
-from mma.data.images import load_image
+if TYPE_CHECKING:  # imported when a session starts: `mma chat --help` answers without loading torch
+    from mma.chat import ChatSession
 from mma.errors import MMAError
 
 
-def converse(session: ChatSession, lines: Iterable[str], write: Callable[[str], None]) -> list[str]:
+def converse(session: "ChatSession", lines: Iterable[str], write: Callable[[str], None]) -> list[str]:
     """Run ``lines`` (user turns and ``/`` commands) through ``session``, writing each answer as it comes; returns
     the answers."""
     answers = []
@@ -28,6 +29,8 @@ def converse(session: ChatSession, lines: Iterable[str], write: Callable[[str], 
             if line == "/reset":
                 session.reset(session.image)
             elif line.startswith("/image "):
+                from mma.data.images import load_image
+
                 session.reset(load_image(Path(line.removeprefix("/image ").strip())))
             elif line.startswith("/"):
                 print(f"unknown command {line.split()[0]}: /image PATH, /reset, /quit", file=sys.stderr)
@@ -57,6 +60,9 @@ def chat_command(argv: list[str]) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128, help="longest answer (default: %(default)s)")
     parser.add_argument("--ignore-fingerprint", action="store_true", help="load onto other backbones anyway")
     args = parser.parse_args(argv)
+    from mma.chat import load_chat
+    from mma.data.images import load_image
+
     session = load_chat(Path(args.adapter), args.template, args.max_new_tokens, args.ignore_fingerprint)
     if args.image:
         session.reset(load_image(Path(args.image)))

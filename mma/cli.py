@@ -25,7 +25,7 @@ LIGHTNING_COMMANDS = {
 }
 SUBCOMMANDS = {
     "params": "trainable and total parameters of a recipe, counted on the meta device",
-    "demo": "evaluate, fine-tune and re-evaluate a recipe on the built-in task",
+    "demo": "evaluate, fine-tune and re-evaluate a recipe (default: easy-vqa with DINOv2), print what changed",
     "export": "turn a training checkpoint into a shareable adapter folder",
     "ask": "answer one question with an exported adapter",
     "chat": "a multi-turn conversation with an exported adapter, an optional image, the KV cache kept",

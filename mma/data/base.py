@@ -210,6 +210,9 @@ class MMADataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.seed, self.group_by_length = num_workers, seed, group_by_length
         self.collator: VLMCollator | None = None
+        # Whether ``test`` also runs the data's controls (the blind control over blank pictures); ``mma demo`` turns
+        # them off for the untuned model, whose controls say nothing.
+        self.with_controls = True
         self._resume_batches = 0
 
     def evaluation(self) -> Evaluation:

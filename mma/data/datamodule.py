@@ -118,7 +118,8 @@ class SyntheticVQADataModule(MMADataModule):
 
     def evaluation(self) -> Evaluation:
         """Accuracy per picture type, image / text-only and overall; the test also runs blind."""
-        return Evaluation(groups=(*IMAGE_TYPES, "image", "text", "all"), test_names=("test", "blind"), seed=self.seed)
+        names = ("test", "blind") if self.with_controls else ("test",)
+        return Evaluation(groups=(*IMAGE_TYPES, "image", "text", "all"), test_names=names, seed=self.seed)
 
     def _dataset(self, split: str, size: int, blind: bool = False) -> SyntheticVQA:
         h = self.hparams
@@ -142,4 +143,5 @@ class SyntheticVQADataModule(MMADataModule):
 
     def test_dataloader(self) -> list[DataLoader]:
         size = self.hparams.test_size
-        return [self.eval_loader(self._dataset("test", size)), self.eval_loader(self._dataset("test", size, True))]
+        blind = [self.eval_loader(self._dataset("test", size, True))] if self.with_controls else []
+        return [self.eval_loader(self._dataset("test", size)), *blind]

@@ -24,7 +24,7 @@ from mma.data.images import load_image
 from mma.data.prompts import answer_text, question_prompt
 from mma.errors import ConfigError, DataError
 
-PromptStyle = Literal["lavin", "llava"]
+PromptStyle = Literal["lavin", "llava", "question"]
 Split = Literal["train", "test"]
 
 # Options of each question type, in the order they are offered.
@@ -134,6 +134,8 @@ def prompt_and_answers(q: Question, style: PromptStyle) -> tuple[str, list[str]]
     options = list(OPTIONS[q.kind])
     if style == "llava":
         return f"{q.text}\n{LLAVA_INSTRUCTION}", options
+    if style == "question":  # the question alone, answered with the bare word: the shortest rows
+        return q.text, options
     return question_prompt(q.text, options), [answer_text(options, i, "text") for i in range(len(options))]
 
 
@@ -182,7 +184,8 @@ class EasyVQADataModule(MMADataModule):
 
     Args:
         prompt_style: ``lavin`` (``Question: ...\\nOptions: (A) ...\\nResponse:``, answered ``The answer is
-            red.``) or ``llava`` (the question and LLaVA's single-word instruction, answered ``red``).
+            red.``), ``llava`` (the question and LLaVA's single-word instruction, answered ``red``) or
+            ``question`` (the question alone, answered ``red``: the shortest rows, for CPU demos).
         val_images: training pictures held out, with all their questions, for validation.
         test_size: test questions, a seeded subset stratified by question type; None takes all 9,673.
         train_size: cap on training questions (a seeded subset); None takes all.
@@ -207,8 +210,8 @@ class EasyVQADataModule(MMADataModule):
         group_by_length: bool = True,
     ) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers, seed, group_by_length)
-        if prompt_style not in ("lavin", "llava"):
-            raise ConfigError(f"prompt_style={prompt_style!r} must be 'lavin' or 'llava'")
+        if prompt_style not in ("lavin", "llava", "question"):
+            raise ConfigError(f"prompt_style={prompt_style!r} must be 'lavin', 'llava' or 'question'")
         if not 1 <= val_images < TRAIN_IMAGES:
             raise ConfigError(f"val_images={val_images} must be in [1, {TRAIN_IMAGES - 1}] (easy-vqa has 4000)")
         if test_size is not None and not 1 <= test_size <= TEST_QUESTIONS:
@@ -219,7 +222,8 @@ class EasyVQADataModule(MMADataModule):
 
     def evaluation(self) -> Evaluation:
         """Accuracy per question type; the test also runs over blank pictures (the blind control)."""
-        return Evaluation(groups=("shape", "colour", "yes/no", "all"), test_names=("test", "blind"), seed=self.seed)
+        names = ("test", "blind") if self.with_controls else ("test",)
+        return Evaluation(groups=("shape", "colour", "yes/no", "all"), test_names=names, seed=self.seed)
 
     def setup(self, stage: str) -> None:
         """Read (and so check) the splits the stage needs before any step runs."""
@@ -239,7 +243,7 @@ class EasyVQADataModule(MMADataModule):
         return self.eval_loader(self.val_set)
 
     def test_dataloader(self) -> list[DataLoader]:
-        return [self.eval_loader(self.test_set(blind)) for blind in (False, True)]
+        return [self.eval_loader(self.test_set(blind)) for blind in (False, True)[: 1 + self.with_controls]]
 
     def test_set(self, blind: bool = False) -> EasyVQA:
         """The test questions over their pictures, or (``blind``) over blank ones."""

@@ -9,6 +9,7 @@ the line) brings back Lightning's info lines and the warnings listed in ``QUIET_
 import importlib
 import importlib.metadata
 import logging
+import os
 import sys
 import warnings
 
@@ -58,8 +59,10 @@ def usage() -> str:
 
 
 def quiet() -> None:
-    """Silence the lines in ``QUIET_WARNINGS`` and ``QUIET_LOGGERS`` (set before the libraries load, which is
-    when some of them speak)."""
+    """Silence the lines in ``QUIET_WARNINGS`` and ``QUIET_LOGGERS`` and the Hugging Face progress bars (the GGUF
+    loader's, "Loading weights"), set before the libraries load, which is when some of them speak."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF loader runs a bare tqdm (mma's bars are Rich)
     for message in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
     for name, level in QUIET_LOGGERS.items():

@@ -54,14 +54,16 @@ def vision_forward_flops(model: VisionLanguageModel, batch: dict) -> float:
     images = 0 if pixels is None else pixels.shape[0]
     if not images:
         return 0.0
-    vit = model.vit
-    tokens = vit.patch_embed.num_patches + vit.num_prefix_tokens
-    blocks = len(vit.blocks)
+    tower = model.tower  # timm or Hugging Face alike
+    patches = tower.num_patches()
+    tokens = patches + getattr(tower.module, "num_prefix_tokens", int(tower.has_class_token))
+    blocks = len(tower.blocks)
     if model.visual.tokens == "cls":  # the ViT stops after the last block a class token is read from
         blocks = model.num_visual_tokens * model.visual.every
-    per_block = 2 * matrix_params(vit.blocks[0]) * tokens + 4 * vit.embed_dim * tokens**2
-    projected = model.num_visual_tokens if model.visual.tokens == "cls" else vit.patch_embed.num_patches
-    vit_flops = blocks * per_block + 2 * matrix_params(vit.patch_embed) * vit.patch_embed.num_patches
+    per_block = 2 * matrix_params(tower.blocks[0]) * tokens + 4 * tower.width * tokens**2
+    projected = model.num_visual_tokens if model.visual.tokens == "cls" else patches
+    patch_embedding = 2 * 3 * tower.patch_size[0] * tower.patch_size[1] * tower.width * patches
+    vit_flops = blocks * per_block + patch_embedding
     return float(images * (vit_flops + 2 * matrix_params(model.projector) * projected))
 
 

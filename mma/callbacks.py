@@ -8,6 +8,7 @@ import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 
 from mma.errors import ConfigError
+from mma.parameters import parts_summary
 
 log = logging.getLogger(__name__)
 
@@ -56,3 +57,12 @@ class PredictionWriter(BasePredictionWriter):
                 for row in batch:
                     f.write(json.dumps(row) + "\n")
         log.info("predictions: %s", path)
+
+
+class PartsSummary(L.Callback):
+    """The trimmed model summary: one line of trainable / total parameters per part when fitting starts, in place
+    of Lightning's table of every top-level module (``--trainer.enable_model_summary true`` brings that back)."""
+
+    def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            log.info(parts_summary(module.model))

@@ -2,7 +2,8 @@
 ``ask``, ``chat``, ``merge`` and ``sweep``.
 
 Heavy libraries are imported only by the command that runs: ``mma --help``, ``mma --version`` and ``mma <own
-command> --help`` answer without loading torch. Default output carries mma's own lines; ``--verbose`` (anywhere on
+command> --help`` answer without loading torch; ``mma fit --help`` (and the other Lightning commands') is cached
+(``mma.commands.help_cache``). Default output carries mma's own lines; ``--verbose`` (anywhere on
 the line) brings back Lightning's info lines and the warnings listed in ``QUIET_WARNINGS``.
 """
 
@@ -74,6 +75,10 @@ def run(argv: list[str]) -> None:
     command = argv[0]
     if command in SUBCOMMANDS:
         getattr(importlib.import_module(f"mma.commands.{command}"), f"{command}_command")(argv[1:])
+    elif command in LIGHTNING_COMMANDS and argv[1:] in (["--help"], ["-h"]):
+        from mma.commands.help_cache import lightning_help
+
+        print(lightning_help(command), end="")
     elif command in LIGHTNING_COMMANDS or command.startswith("-"):  # `mma -c RECIPE fit`: LightningCLI's form
         from mma.recipe import MMACLI
 

@@ -28,3 +28,11 @@ def count_by_kind(model: VisionLanguageModel) -> dict[str, int]:
                 part = PART_NAMES.get(name.split(".", 1)[0], name)
                 counts[f"{part} {adapter_part(module)}"] += param.numel()
     return dict(counts)
+
+
+def parts_summary(model: VisionLanguageModel) -> str:
+    """One line for the start of a run: trainable / total per part, then the whole model."""
+    counts = count_parameters(model)
+    parts = ", ".join(f"{PART_NAMES.get(part, part)} {t:,} / {n:,}" for part, (t, n) in counts.items())
+    trainable, total = (sum(c[i] for c in counts.values()) for i in (0, 1))
+    return f"parameters (trainable / total): {parts}; all {trainable:,} / {total:,} ({100 * trainable / total:.3f}%)"

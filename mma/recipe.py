@@ -12,7 +12,7 @@ from jsonargparse import ArgumentError
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from mma.callbacks import LastCheckpoint, PredictionWriter
+from mma.callbacks import LastCheckpoint, PartsSummary, PredictionWriter
 from mma.errors import ConfigError, MMAError
 from mma.module import MMAModule
 from mma.resume import LAST, check_settings, find_last_checkpoint, read_checkpoint
@@ -60,11 +60,12 @@ class MMACLI(LightningCLI):
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
             trainer_defaults={
-                "callbacks": [RichProgressBar(leave=True), PredictionWriter()],
+                "callbacks": [RichProgressBar(leave=True), PredictionWriter(), PartsSummary()],
+                "enable_model_summary": False,  # PartsSummary's line instead
                 "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
                 "default_root_dir": "runs",  # git-ignored; with `logger: false` too, nothing lands in the cwd
             },
-            parser_kwargs={**_RAISE, **{command: _RAISE for command in LightningCLI.subcommands()}},
+            parser_kwargs={"prog": "mma", **_RAISE, **{command: _RAISE for command in LightningCLI.subcommands()}},
             args=args,
             run=run,
         )

@@ -1,5 +1,6 @@
 """The ``mma`` command: recipes parse, parameter counts are exact, bad recipes fail with one clear line."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -53,8 +54,9 @@ def test_params_command_prints_the_count(capsys):
     assert "trainable parameters: 3,781,296 of" in capsys.readouterr().out
 
 
-def _mma(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mma.cli", *args], capture_output=True, text=True, cwd=ROOT)
+def _mma(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **env} if env else None
+    return subprocess.run([sys.executable, "-m", "mma.cli", *args], capture_output=True, text=True, cwd=ROOT, env=env)
 
 
 def test_unknown_adapter_is_refused_when_parsed():
@@ -154,6 +156,23 @@ def test_help_version_and_own_commands_help_load_no_heavy_library():
     assert result.stdout.strip() == "[]", result.stderr
 
 
+def test_lightning_command_help_is_cached_and_the_cached_answer_loads_no_heavy_library(tmp_path):
+    """`mma fit --help` builds LightningCLI's parser once (about 10 s here); later calls print the same text from
+    the cache, keyed by mma's sources and the libraries' versions, without importing torch or Lightning."""
+    env = {"MMA_CACHE": str(tmp_path)}
+    first = _mma("fit", "--help", env=env)
+    assert first.returncode == 0 and "--model.model.adapter" in first.stdout
+    code = (
+        "import sys\nfrom mma.cli import main\nmain(['fit', '--help'])\n"
+        "print(sorted(m for m in ('torch', 'lightning', 'transformers') if m in sys.modules), file=sys.stderr)"
+    )
+    cached = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env={**os.environ, **env}
+    )
+    assert cached.stdout == first.stdout
+    assert cached.stderr.strip() == "[]"
+
+
 def test_help_lists_every_command_and_an_unknown_one_is_named():
     listed = _mma("--help").stdout
     assert all(f"  {name} " in listed for name in [*LIGHTNING_COMMANDS, *SUBCOMMANDS])
@@ -169,12 +188,14 @@ NOISE = ("Seed set", "GPU available", "TPU available", "Tip:", "LeafSpec", "args
 
 
 def test_fit_prints_mma_lines_only_and_leaves_the_working_directory_clean(tmp_path):
-    """Lightning's tips, device and seed lines and library warnings are off unless --verbose; a run with
-    ``logger: false`` writes only under runs/ (git-ignored)."""
+    """Lightning's tips, device and seed lines, library warnings and module table are off unless --verbose; a run
+    with ``logger: false`` writes only under runs/ (git-ignored)."""
     args = ["fit", "--config", str(ROOT / "tests/sweep_fixtures/tiny.yaml"), "--trainer.max_steps", "1"]
     quiet = subprocess.run([sys.executable, "-m", "mma.cli", *args], capture_output=True, text=True, cwd=tmp_path)
     assert quiet.returncode == 0, quiet.stderr
     assert not [line for line in quiet.stderr.splitlines() if any(noise in line for noise in NOISE)], quiet.stderr
+    assert "parameters (trainable / total): LLM " in quiet.stderr  # the trimmed summary, not Lightning's table
+    assert "Name" not in quiet.stdout + quiet.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["runs"]
     verbose = subprocess.run(
         [sys.executable, "-m", "mma.cli", *args, "--verbose"], capture_output=True, text=True, cwd=tmp_path

@@ -1,9 +1,10 @@
 """Training-step and generation cost of adapters on the demo backbones, as ratios measured side by side.
 
     python bench/train_step.py [--config recipes/demo.yaml] [--threads 2] [--steps 6] [--data scienceqa]
+    python bench/train_step.py --config recipes/easy-vqa-demo.yaml   # make demo's DINOv2 configuration
 
 Builds the recipe's backbones once per method: only the projector trainable (`none`, the floor), LaVIN MMA
-adapters and LLaMA-Adapter V2 (each with its default settings), and times, alternating between them so drift hits
+adapters, LLaMA-Adapter V2 and MemVP (each with its default settings), and times, alternating between them so drift hits
 all alike:
   - one optimizer step at batch 4 x 256 tokens (forward, backward, AdamW) under the recipe's precision (the
     Trainer's own forward context: autocast for ``bf16-mixed``, none for ``32-true``);
@@ -36,8 +37,8 @@ from mma.optim import OptimizerConfig, make_optimizer
 from mma.recipe import config_cli
 
 BATCH, TOKENS, NEW_TOKENS, SCORED = 4, 256, 32, 16
-ADAPTERS = ("none", "lavin", "llama-adapter-v2")
-TARGETS = {"lavin": 1.10, "llama-adapter-v2": 1.25}
+ADAPTERS = ("none", "lavin", "llama-adapter-v2", "memvp")
+TARGETS = {"lavin": 1.10, "llama-adapter-v2": 1.25, "memvp": 1.05}
 
 
 def build(config: str, adapter: str, settings: dict | None = None):
@@ -193,6 +194,7 @@ def report_adapters(runs: dict, peak_gflops: float) -> None:
         print(f"{name:>16}: {step[name]:6.3f} {run['step'].line(peak_gflops)}  {gen[name]:10.1f}")
     for name, target in TARGETS.items():
         print(f"training step, {name} / projector-only: {step[name] / step['none']:.3f}x  (target <= {target:.2f}x)")
+    print(f"training step, memvp / lavin: {step['memvp'] / step['lavin']:.3f}x  (target < 1.00x)")
     print(f"generation tokens/s, lavin / projector-only: {gen['lavin'] / gen['none']:.3f}x  (target >= 0.90x)")
     print(f"generation tokens/s, llama-adapter-v2 / projector-only: {gen['llama-adapter-v2'] / gen['none']:.3f}x")
 

@@ -109,11 +109,17 @@ def proportional(counts: dict[str, int], size: int) -> dict[str, int]:
     return shares
 
 
-def stratified_subset(questions: list[Question], size: int, seed: int) -> list[Question]:
-    """``size`` seeded questions, each type in proportion to its share of ``questions``; kept in package order."""
+def indices_by_kind(questions: list[Question]) -> dict[str, list[int]]:
+    """Question type -> the positions of its questions in ``questions``."""
     by_kind: dict[str, list[int]] = defaultdict(list)
     for index, q in enumerate(questions):
         by_kind[q.kind].append(index)
+    return by_kind
+
+
+def stratified_subset(questions: list[Question], size: int, seed: int) -> list[Question]:
+    """``size`` seeded questions, each type in proportion to its share of ``questions``; kept in package order."""
+    by_kind = indices_by_kind(questions)
     shares = proportional({kind: len(indices) for kind, indices in by_kind.items()}, size)
     rng = random.Random(f"easyvqa-test-{seed}")
     chosen = {index for kind in sorted(by_kind) for index in rng.sample(by_kind[kind], shares[kind])}
@@ -123,9 +129,7 @@ def stratified_subset(questions: list[Question], size: int, seed: int) -> list[Q
 def balanced(questions: list[Question], seed: int) -> list[Question]:
     """Equally many questions of each type: each type a seeded subset the size of the rarest type's count, in
     package order (easy-vqa's training questions are 74% yes/no, 13% colour, 13% shape)."""
-    by_kind: dict[str, list[int]] = defaultdict(list)
-    for index, q in enumerate(questions):
-        by_kind[q.kind].append(index)
+    by_kind = indices_by_kind(questions)
     size = min(map(len, by_kind.values()))
     rng = random.Random(f"easyvqa-balanced-{seed}")
     chosen = {index for kind in sorted(by_kind) for index in rng.sample(by_kind[kind], size)}

@@ -66,6 +66,18 @@ CASES = [
     ("zero-max-length", "fit --config {tiny} --model.max_length 0", 2, "max_length=0 must be at least 1"),
     ("negative-max-length", "fit --config {tiny} --model.max_length -8", 2, "max_length=-8 must be at least 1"),
     (
+        "visual-norm-not-bool",
+        "fit --config {tiny} --model.model.visual.norm maybe",
+        2,
+        'Parser key "model.model.visual.norm": Expected a',
+    ),
+    (
+        "balance-types-not-bool",
+        "fit --config {tiny} --data mma.data.EasyVQADataModule --data.balance_types sometimes",
+        2,
+        'Parser key "balance_types": Expected a',
+    ),
+    (
         "unknown-logger-class",
         "fit --config {tiny} --trainer.logger.class_path lightning.pytorch.loggers.NopeLogger",
         2,

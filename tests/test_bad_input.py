@@ -42,6 +42,7 @@ CASES = [
     ("binary-recipe", "fit --config {binary}", 2, "recipe {binary} is not a YAML text file"),
     ("missing-recipe", "fit --config {tmp}/nope.yaml", 2, "File does not exist: '{tmp}/nope.yaml'"),
     ("missing-sweep", "sweep {tmp}/nope/sweep.yaml", 2, "sweep file {tmp}/nope/sweep.yaml does not exist"),
+    ("sweep-metrics-text", "sweep {metrics_sweep}", 2, "sweep {metrics_sweep}: metrics must be a list of metric names"),
     (
         "missing-ckpt",
         "test --config {tiny} --ckpt_path {tmp}/nope.ckpt",
@@ -156,12 +157,14 @@ def files(tmp_path_factory) -> dict[str, Path]:
     ckpt = tmp / "trained" / "checkpoints" / "last.ckpt"
     (tmp / "pickle.ckpt").write_bytes(pickle.dumps({"state_dict": _Payload(tmp / "marker")}))
     (tmp / "binary.yaml").write_bytes(bytes(range(256)) * 16)
+    (tmp / "metrics.yaml").write_text(f"recipe: {TINY}\nmetrics: test/shape\n")
     return {
         "tmp": tmp,
         "tiny": TINY,
         "gguf": _cut(DEMO_GGUF, tmp / "cut.gguf", 3_000_000),  # metadata whole, tensor data cut short
         "cut_llm": tmp / "llm",
         "binary": tmp / "binary.yaml",
+        "metrics_sweep": tmp / "metrics.yaml",
         "cut_ckpt": _cut(ckpt, tmp / "cut.ckpt", ckpt.stat().st_size // 2),
         "pickle_ckpt": tmp / "pickle.ckpt",
         "sqa": _scienceqa_folders(tmp),

@@ -165,6 +165,20 @@ def test_seeds_must_be_distinct_integers(tmp_path, seeds):
         load_sweep(_sweep(tmp_path, seeds=seeds))
 
 
+@pytest.mark.parametrize("key", ["metrics", "plot_metrics"])
+def test_metric_lists_must_name_metrics(tmp_path, key):
+    with pytest.raises(ConfigError, match=f"{key} must be a list of metric names"):
+        load_sweep(_sweep(tmp_path, **{key: "test/all"}))
+
+
+def test_report_shows_the_sweeps_metrics_as_columns(tmp_path):
+    rows = [{"name": "a", "trainable": 10, "test/shape": 0.5, "test/image": 0.25, "step_time_s": 1.0}]
+    write_report(rows, SweepSpec(recipe=TINY, metrics=["test/shape", "test/yes/no"]), tmp_path)
+    table = (tmp_path / "results.md").read_text()
+    assert table.splitlines()[0] == "| name | trainable | shape (%) | step (s) |"
+    assert "| a | 10 | 50.0 | 1 |" in table
+
+
 def _seeded_rows(name: str, accuracies: list[float], step: float = 1.0) -> list[dict]:
     return [
         {"name": f"{name} seed={seed}", "run": name, "seed": seed, "trainable": 1000, "test/all": accuracy}

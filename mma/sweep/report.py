@@ -23,19 +23,7 @@ COLUMNS = {
         "total",
         "trainable_pct",
     ],
-    "train": [
-        "name",
-        "trainable",
-        "test/image",
-        "test/text",
-        "test/all",
-        "blind/image",
-        "step_time_s",
-        "step_time_ratio",
-        "peak_rss_mib",
-        "peak_cuda_mib",
-        "fit_seconds",
-    ],
+    "train": ["name", "trainable", "step_time_s", "step_time_ratio", "peak_rss_mib", "peak_cuda_mib", "fit_seconds"],
 }
 LABELS = {
     "trainable/llm": "LLM",
@@ -47,6 +35,12 @@ LABELS = {
     "test/text": "text-only (%)",
     "test/all": "all (%)",
     "blind/image": "blind image (%)",
+    "test/shape": "shape (%)",
+    "test/colour": "colour (%)",
+    "test/yes/no": "yes/no (%)",
+    "blind/shape": "blind shape (%)",
+    "blind/colour": "blind colour (%)",
+    "blind/yes/no": "blind yes/no (%)",
     "step_time_s": "step (s)",
     "step_time_ratio": "step ratio",
     "peak_rss_mib": "peak RSS (MiB)",
@@ -119,9 +113,15 @@ def cell(key: str, value) -> str:
     return f"{value:.3f}" if key == "trainable_pct" else f"{value:.4g}"
 
 
-def markdown_table(rows: list[dict], mode: str) -> str:
-    """The mode's main columns (those some run has) as a Markdown table."""
-    columns = [c for c in COLUMNS[mode] if any(c in row for row in rows)]
+def main_columns(spec: SweepSpec) -> list[str]:
+    """The columns of ``results.md``: a trained run's accuracies (``spec.metrics``) after its name and size."""
+    columns = COLUMNS[spec.mode]
+    return [*columns[:2], *spec.metrics, *columns[2:]] if spec.mode == "train" else columns
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    """The main columns (those some run has) as a Markdown table."""
+    columns = [c for c in columns if any(c in row for row in rows)]
     lines = [
         "| " + " | ".join(LABELS.get(c, c) for c in columns) + " |",
         "|" + "|".join("---" if c == "name" else "---:" for c in columns) + "|",
@@ -139,9 +139,9 @@ def spread_cell(key: str, values: list[float]) -> str:
     return f"{cell(key, statistics.fmean(values))} ± {cell(key, statistics.stdev(values))}"
 
 
-def seeded_table(groups: list[Group], mode: str) -> str:
-    """The mode's main columns, each run's mean ± standard deviation over its seeds and their number n."""
-    columns = [c for c in COLUMNS[mode][1:] if any(group.values(c) for group in groups)]
+def seeded_table(groups: list[Group], columns: list[str]) -> str:
+    """The main columns, each run's mean ± standard deviation over its seeds and their number n."""
+    columns = [c for c in columns[1:] if any(group.values(c) for group in groups)]
     lines = [
         "| " + " | ".join(["name", "n", *(LABELS.get(c, c) for c in columns)]) + " |",
         "|---|" + "|".join("---:" for _ in range(len(columns) + 1)) + "|",
@@ -217,9 +217,9 @@ def write_report(rows: list[dict], spec: SweepSpec, root: Path) -> str:
     groups = group_rows(rows)
     if any("seed" in row for row in rows):
         comparison = comparison_table(groups, spec.plot_metrics, spec.baseline)
-        table = seeded_table(groups, spec.mode) + (f"\n{comparison}" if comparison else "")
+        table = seeded_table(groups, main_columns(spec)) + (f"\n{comparison}" if comparison else "")
     else:
-        table = markdown_table(rows, spec.mode)
+        table = markdown_table(rows, main_columns(spec))
     (root / "results.md").write_text(table)
     if spec.mode == "train":
         plot(groups, spec.plot_metrics, "trainable", "trainable parameters", root / "accuracy_vs_params.png", True)

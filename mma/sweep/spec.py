@@ -38,6 +38,8 @@ class SweepSpec:
         grid: key -> list of values; every run is crossed with every combination.
         baseline: name of the run whose training step time ``step_time_ratio`` divides by (and, with seeds, the
             run the others are compared with).
+        metrics: the accuracies ``results.md`` shows for trained runs (``results.csv`` has every metric); the
+            default suits the synthetic task, e.g. ``[test/shape, test/colour, test/yes/no, test/all]`` easy-vqa.
         plot_metrics: metrics drawn against trainable parameters and against step time.
         seeds: repeat every run once per seed, named ``<run> seed=N``, with ``seed_everything: N`` and
             ``model.model.seed: N``: the adapters' and projector's initialisation and dropout change, the data does
@@ -52,6 +54,7 @@ class SweepSpec:
     runs: list[dict[str, Any]] = field(default_factory=list)
     grid: dict[str, list] = field(default_factory=dict)
     baseline: str | None = None
+    metrics: list[str] = field(default_factory=lambda: ["test/image", "test/text", "test/all", "blind/image"])
     plot_metrics: list[str] = field(default_factory=lambda: ["test/all"])
     seeds: list[int] = field(default_factory=list)
 
@@ -100,6 +103,10 @@ def load_sweep(path: str | Path) -> SweepSpec:
         raise ConfigError(f"sweep {path}: mode {spec.mode!r} is not one of {MODES}")
     if not all(isinstance(values, list) and values for values in spec.grid.values()):
         raise ConfigError(f"sweep {path}: every grid key needs a non-empty list of values")
+    for key in ("metrics", "plot_metrics"):
+        names = getattr(spec, key)
+        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+            raise ConfigError(f"sweep {path}: {key} must be a list of metric names, got {names!r}")
     seeds = spec.seeds
     if not isinstance(seeds, list) or not all(type(s) is int for s in seeds) or len(set(seeds)) < len(seeds):
         raise ConfigError(f"sweep {path}: seeds must be a list of distinct integers, got {seeds!r}")

@@ -8,10 +8,13 @@ consumer agrees on where the modality token and the visual tokens go::
     [modality] [BOS] text_prefix prompt_separator prompt answer_separator answer [EOS]                    text-only
 
 ``[modality]`` is there only with ``modality_token``; the visual token slots only with ``visual_in_sequence``
-(early fusion sends the visual tokens to adapter layers instead).
+(early fusion sends the visual tokens to adapter layers instead), or one slot for the image's class token with
+``class_token_in_sequence`` (ADEM-VL: the patches go to the layers, the class token into the sequence).
 """
 
 from dataclasses import asdict, dataclass
+
+from mma.errors import ConfigError
 
 MODALITY_SLOT = -1  # input id placeholder for the modality token
 IMAGE_SLOT = -2  # input id placeholder for each visual token
@@ -27,6 +30,8 @@ class SequenceLayout:
             attends to it (LaVIN's routers read it).
         visual_in_sequence: visual tokens fill slots after ``image_prefix``; False sends them to the adapter
             layers as keyword arguments (LLaMA-Adapter V2's early fusion) and leaves no slots.
+        class_token_in_sequence: with ``visual_in_sequence`` False, one slot after ``image_prefix`` holds the
+            image's class token through a projector of its own (ADEM-VL); the patch tokens still go to the layers.
         image_prefix: text before the visual tokens of an image sample.
         text_prefix: text in their place for a text-only sample.
         prompt_separator: text between the prefix and the prompt.
@@ -35,6 +40,7 @@ class SequenceLayout:
 
     modality_token: bool = False
     visual_in_sequence: bool = True
+    class_token_in_sequence: bool = False
     image_prefix: str = "Image: "
     text_prefix: str = "Image: N/A"
     prompt_separator: str = "\n"
@@ -42,11 +48,19 @@ class SequenceLayout:
     modality_slot: int = MODALITY_SLOT
     image_slot: int = IMAGE_SLOT
 
+    def __post_init__(self) -> None:
+        if self.visual_in_sequence and self.class_token_in_sequence:
+            raise ConfigError("class_token_in_sequence adds the class token beside visual tokens sent to the layers")
+
+    def sequence_slots(self, visual_tokens: int) -> int:
+        """Slots an image sample has in the sequence: one per visual token, one for the class token, or none."""
+        return visual_tokens if self.visual_in_sequence else int(self.class_token_in_sequence)
+
     def describe(self) -> dict:
         """Plain data for exported adapters: the fields and the two row templates."""
         tail = f"{self.prompt_separator!r} prompt {self.answer_separator!r} answer [EOS]"
         head = "[modality] " if self.modality_token else ""
-        slots = " [visual tokens]" if self.visual_in_sequence else ""
+        slots = " [visual tokens]" if self.visual_in_sequence else " [class token]" * self.class_token_in_sequence
         rows = {
             "image": f"{head}[BOS] {self.image_prefix!r}{slots} {tail}",
             "text": f"{head}[BOS] {self.text_prefix!r} {tail}",

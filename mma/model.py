@@ -12,7 +12,8 @@ The modality token is attended by no other position, so it changes nothing but t
 Under early fusion (LLaMA-Adapter V2, ``visual_in_sequence: false``) the ``"Image: "`` prefix stays, the slots go,
 and the visual tokens reach the adapted attention layers as the keyword arguments ``VISUAL_TOKENS`` (B, n_vis, d;
 zeros for text-only rows) and ``HAS_IMAGE`` (B,), which transformers passes from the decoder down to every
-attention module.
+attention module. With ``class_token_in_sequence`` (ADEM-VL) one slot stays, for the image's class token through a
+projector of its own.
 """
 
 from dataclasses import dataclass
@@ -111,6 +112,11 @@ class VisionLanguageModel(nn.Module):
         self.layout = layout or SequenceLayout()
         dim = llm.config.hidden_size
         self.projector = Projector(tower.width, visual.projector_hidden, dim, projector_source).to(llm.device)
+        self.class_projector = (
+            Projector(tower.width, visual.projector_hidden, dim).to(llm.device)
+            if self.layout.class_token_in_sequence
+            else None
+        )
         self.modality_embedding = ModalityEmbedding(dim).to(llm.device) if self.layout.modality_token else None
         self._check_visual_config()
 
@@ -122,13 +128,22 @@ class VisionLanguageModel(nn.Module):
             raise ConfigError(f"visual.every={visual.every} must be in 1..{depth} (ViT depth)")
         if visual.tokens == "cls" and visual.layer != -1:
             raise ConfigError(f"visual.layer={visual.layer} chooses the block of tokens=patches; cls uses every")
+        if self.layout.class_token_in_sequence and visual.tokens != "patches":
+            raise ConfigError(
+                f"the class token in the sequence goes beside patch tokens, not visual.tokens={visual.tokens}"
+            )
+        if self.layout.class_token_in_sequence and not self.tower.has_class_token:
+            raise ConfigError(
+                f"the class token in the sequence needs a ViT with a class token ({self.tower.name} has none)"
+            )
         if not -depth <= visual.layer < depth:
             raise ConfigError(f"visual.layer={visual.layer} must be in {-depth}..{depth - 1} (ViT depth {depth})")
 
     @property
     def sequence_visual_tokens(self) -> int:
-        """Visual token slots each image sample has in the LLM sequence (0 under early fusion)."""
-        return self.num_visual_tokens if self.layout.visual_in_sequence else 0
+        """Visual token slots each image sample has in the LLM sequence (0 under early fusion, 1 with the class
+        token in the sequence)."""
+        return self.layout.sequence_slots(self.num_visual_tokens)
 
     @property
     def num_visual_tokens(self) -> int:
@@ -140,11 +155,14 @@ class VisionLanguageModel(nn.Module):
         set_train_mode(self, mode)
         return self
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(images, 3, H, W) -> (images, num_visual_tokens, llm_dim)."""
-        visual = self.visual
-        features = self.tower.features(pixel_values, visual.tokens, visual.every, visual.layer, visual.norm)
-        return self.projector(features)
+    def encode_images(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(images, 3, H, W) -> visual tokens (images, num_visual_tokens, llm_dim) and, when the layout puts it in
+        the sequence, the class token through its own projector (images, 1, llm_dim), else None."""
+        visual, with_class = self.visual, self.class_projector is not None
+        features = self.tower.features(pixel_values, visual.tokens, visual.every, visual.layer, visual.norm, with_class)
+        if not with_class:
+            return self.projector(features), None
+        return self.projector(features[:, 1:]), self.class_projector(features[:, :1])
 
     def embed(
         self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, has_image: torch.Tensor
@@ -157,11 +175,13 @@ class VisionLanguageModel(nn.Module):
         embeddings = self.llm.get_input_embeddings()(input_ids.clamp(min=0))
         layer_inputs = {}
         if pixel_values is not None and pixel_values.shape[0] > 0:
-            visual = self.encode_images(pixel_values).to(embeddings.dtype)  # (N_img, n_vis, d)
-            if self.layout.visual_in_sequence:
+            visual, class_token = self.encode_images(pixel_values)  # (N_img, n_vis, d), (N_img, 1, d) or None
+            visual = visual.to(embeddings.dtype)
+            in_sequence = visual if self.layout.visual_in_sequence else class_token
+            if in_sequence is not None:
                 slots = (input_ids == self.layout.image_slot).unsqueeze(-1)
-                embeddings = embeddings.masked_scatter(slots, visual)
-            else:
+                embeddings = embeddings.masked_scatter(slots, in_sequence.to(embeddings.dtype))
+            if not self.layout.visual_in_sequence:
                 rows = visual.new_zeros(input_ids.shape[0], *visual.shape[1:]).index_copy(
                     0, has_image.nonzero().flatten(), visual
                 )

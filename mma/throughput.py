@@ -64,7 +64,10 @@ def vision_forward_flops(model: VisionLanguageModel, batch: dict) -> float:
     projected = model.num_visual_tokens if model.visual.tokens == "cls" else patches
     patch_embedding = 2 * 3 * tower.patch_size[0] * tower.patch_size[1] * tower.width * patches
     vit_flops = blocks * per_block + patch_embedding
-    return float(images * (vit_flops + 2 * matrix_params(model.projector) * projected))
+    projector_flops = 2 * matrix_params(model.projector) * projected
+    if model.class_projector is not None:  # ADEM-VL's class token, one per image
+        projector_flops += 2 * matrix_params(model.class_projector)
+    return float(images * (vit_flops + projector_flops))
 
 
 def train_step_flops(model: VisionLanguageModel, batch: dict) -> float:

@@ -49,6 +49,14 @@ def test_memvp_trainable_parameters_match_the_authors_code(recipe, expected, cap
     assert f"trainable parameters: {expected:,} of" in capsys.readouterr().out
 
 
+def test_adem_vl_preset_adds_the_class_token_projector_to_the_memvp_count(capsys):
+    """ADEM-VL 7B (paper: 4.5M) = MemVP's 3,870,848 with the same 320 slots + its class-token projector
+    1024 -> 128 -> 4096 with biases (131,200 + 528,384)."""
+    recipe, preset = ROOT / "recipes" / "scienceqa" / "memvp-7b.yaml", ROOT / "adapters" / "memvp-adem-vl.yaml"
+    main(["params", "--config", str(recipe), "--model.model.adapter", str(preset)])
+    assert f"trainable parameters: {3_870_848 + 659_584:,} of" in capsys.readouterr().out
+
+
 def test_params_command_prints_the_count(capsys):
     main(["params", "--config", str(ROOT / "recipes" / "scienceqa" / "lavin-7b.yaml")])
     assert "trainable parameters: 3,781,296 of" in capsys.readouterr().out

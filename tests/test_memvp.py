@@ -17,6 +17,7 @@ from mma.build import build_model
 from mma.checkpoint import save_adapter
 from mma.commands.merge import merge_to_folder
 from mma.errors import ConfigError
+from mma.layout import SequenceLayout
 from mma.module import MMAModule
 
 
@@ -192,12 +193,59 @@ def test_multiscale_memory_pools_the_patch_grid_before_the_projector():
     model.projector.register_forward_hook(lambda module, args, out: inputs.append(args[0]))
     perturb(model)
     with torch.no_grad():
-        visual = model.encode_images(torch.stack([image(0), image(1)]))
-    assert visual.shape == (2, 20, 64)
+        visual, class_token = model.encode_images(torch.stack([image(0), image(1)]))
+    assert visual.shape == (2, 20, 64) and class_token is None
     patches = model.vit.forward_features(torch.stack([image(0), image(1)]))[:, 1:]  # (2, 16, 32)
     pooled = patches.unflatten(1, (2, 2, 2, 2)).mean(dim=(2, 4)).flatten(1, 2)  # 2 x 2 blocks of the 4 x 4 grid
     torch.testing.assert_close(inputs[0], torch.cat([patches, pooled], dim=1))
     assert torch.isfinite(model.loss(_batch(model)))
+
+
+def _adem_vl_model(**settings):
+    """ADEM-VL as its code runs by default: the 4 x 4 patch grid and its 2 x 2 pooling in the memory, the class
+    token as one input token."""
+    config = tiny_config("memvp", memory_grids=[4, 2], class_token_input=True, **settings)
+    config = dataclasses.replace(config, visual=dataclasses.replace(config.visual, tokens="patches"))
+    torch.manual_seed(0)
+    return build_model(config)
+
+
+def test_class_token_input_takes_one_slot_through_its_own_projector():
+    """Image rows get one slot, filled with the ViT's class token through the class projector; text-only rows
+    none; the pooled patches still fill the memory."""
+    model = _adem_vl_model(**LOUD)
+    perturb(model)
+    model.eval()
+    batch = _batch(model)
+    assert (batch["input_ids"] == model.layout.image_slot).sum(dim=1).tolist() == [1, 0, 1]
+    pixels = torch.stack([image(0), image(2)])
+    with torch.no_grad():
+        visual, class_token = model.encode_images(pixels)
+        features = model.vit.forward_features(pixels)  # (2, 1 + 16, 32), final norm applied
+        embeddings, layer_inputs = model.embed(batch["input_ids"], batch["pixel_values"], batch["has_image"])
+    assert visual.shape == (2, 20, 64) and class_token.shape == (2, 1, 64)
+    torch.testing.assert_close(class_token, model.class_projector(features[:, :1]))
+    slots = batch["input_ids"] == model.layout.image_slot
+    torch.testing.assert_close(embeddings[slots], class_token[:, 0])
+    torch.testing.assert_close(layer_inputs[VISUAL_TOKENS][[0, 2]], visual)
+    assert all(p.requires_grad for p in model.class_projector.parameters())
+    assert model.layout.describe()["rows"]["image"].endswith("'Image: ' [class token] '\\n' prompt ' ' answer [EOS]")
+
+
+def test_class_token_input_generates_the_same_with_and_without_cache():
+    model = _adem_vl_model(**LOUD)
+    perturb(model)
+    model.eval()
+    batch = collator_for(model)([{**s, "answer": None} for s in _prompt_samples()])
+    cached = model.generate(batch, max_new_tokens=8, use_cache=True)
+    assert cached == model.generate(batch, max_new_tokens=8, use_cache=False)
+
+
+def test_class_token_input_needs_patch_tokens_beside_it():
+    with pytest.raises(ConfigError, match="the class token in the sequence goes beside patch tokens, not"):
+        tiny_model("memvp", class_token_input=True)
+    with pytest.raises(ConfigError, match="class_token_in_sequence adds the class token beside visual tokens"):
+        SequenceLayout(visual_in_sequence=True, class_token_in_sequence=True)
 
 
 @pytest.mark.parametrize(

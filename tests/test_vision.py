@@ -173,6 +173,20 @@ def test_norm_applies_the_final_norm_once_to_tokens_that_lack_it(family, folders
     torch.testing.assert_close(tower.features(pixels, "patches", every=1, layer=-1, norm=True), expected)
 
 
+@pytest.mark.parametrize("family", ["timm", "clip", "dinov2"])
+def test_with_class_puts_the_same_layers_class_token_before_the_patches(family, folders):
+    """ADEM-VL's input token: the class token of the block the patches come from, normed as they are (the last
+    block's output features: timm's and DINOv2's final norm applied, CLIP's not)."""
+    tower, pixels = vision_tower(load_vit(vit_spec(family, folders))), torch.randn(2, 3, 32, 32)
+    for layer, normed in [(-1, family != "clip"), (-2, False)]:
+        patches = tower.features(pixels, "patches", every=1, layer=layer, norm=False)
+        both = tower.features(pixels, "patches", every=1, layer=layer, norm=False, with_class=True)
+        class_tokens = tower.features(pixels, "cls", every=1, layer=-1, norm=normed)  # (2, depth, width)
+        assert both.shape == (2, 17, 32)
+        torch.testing.assert_close(both[:, 1:], patches, rtol=0, atol=0)
+        torch.testing.assert_close(both[:, 0], class_tokens[:, layer])
+
+
 @pytest.mark.parametrize(
     ("family", "visual", "expected"),
     [
@@ -187,7 +201,8 @@ def test_norm_applies_the_final_norm_once_to_tokens_that_lack_it(family, folders
 def test_visual_token_counts_and_shapes(family, visual, expected, folders):
     model = model_for(family, folders, visual=visual)
     assert model.num_visual_tokens == expected
-    assert model.encode_images(torch.randn(3, 3, 32, 32)).shape == (3, expected, TINY_LLM["hidden_size"])
+    visual, class_token = model.encode_images(torch.randn(3, 3, 32, 32))
+    assert visual.shape == (3, expected, TINY_LLM["hidden_size"]) and class_token is None
 
 
 @pytest.mark.parametrize("family", ["clip", "dinov2", "siglip"])
@@ -197,7 +212,8 @@ def test_hugging_face_models_run_at_another_image_size(family, folders):
     config.vit = dataclasses.replace(config.vit, image_size=48)
     model = build_model(config)
     assert model.tower.image_size == (48, 48) and model.num_visual_tokens == 36
-    assert model.encode_images(torch.randn(1, 3, 48, 48)).shape == (1, 36, TINY_LLM["hidden_size"])
+    visual, _ = model.encode_images(torch.randn(1, 3, 48, 48))
+    assert visual.shape == (1, 36, TINY_LLM["hidden_size"])
 
 
 def test_cls_tokens_need_a_class_token_and_layers_are_checked(folders):

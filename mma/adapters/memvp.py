@@ -10,10 +10,10 @@ embedding shared by all layers::
 ``E1`` (``memory_slots`` x d) starts small and random, ``E2`` at zero; ``V`` fills the first slots and the rest are
 zero, so those slots hold a static learned memory that text-only samples read too. ADEM-VL's variants: the kernel
 ``silu(x) silu(K)^T`` (``memory_kernel: adem-vl``), zeroing each token's lowest fraction of memory scores
-(``memory_drop_fraction``) and a multiscale memory of average-pooled patch grids (``memory_grids``); its class
-token as one input token is not offered, as mma's model sends the visual tokens either into the sequence or to the
-layers (``SequenceLayout.visual_in_sequence``), not some of each. In the ViT, every block's MLP gets a parallel
-adapter ``mlp(h) + s_v * up(dropout(gelu(down(h))))`` with ``up`` zero-init.
+(``memory_drop_fraction``), a multiscale memory of average-pooled patch grids (``memory_grids``) and the image's
+class token as one input token of the sequence, through a projector of its own (``class_token_input``: the layout's
+``class_token_in_sequence``; text-only samples have no slot). In the ViT, every block's MLP gets a parallel adapter
+``mlp(h) + s_v * up(dropout(gelu(down(h))))`` with ``up`` zero-init.
 
 How the visual tokens reach the FFN: the model hands them to every decoder layer as the keyword argument
 ``VISUAL_TOKENS`` (the layout's ``visual_in_sequence: false``), but a transformers decoder layer passes its keyword
@@ -22,7 +22,8 @@ decoder layer, which keeps the latest call's tokens; nothing in the layer's forw
 
 Identity at init: ``E2 = 0`` silences the static slots, and the projector's output layer starts at zero
 (``projector_zero_init``), so ``V = 0``; the authors' projector is xavier-initialised, so their image samples
-already read ``0.01 V`` as values at step 0. Not mergeable: the memory depends on the image.
+already read ``0.01 V`` as values at step 0. With ``class_token_input`` image samples hold one more token from
+step 0, as in ADEM-VL. Not mergeable: the memory depends on the image.
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ class MemVP(AdapterSettings):
         memory_grids: side lengths of the average-pooled patch grids that make the memory tokens, e.g. [16, 8]
             for ADEM-VL's 256 + 64 tokens from ViT-L/14's 16 x 16 grid (pooled before the projector); empty: the
             visual tokens as they come. Needs ``visual.tokens: patches``.
+        class_token_input: the class token of the layer the patches come from, through a projector of its own,
+            as one token of an image sample's sequence after ``Image: `` (ADEM-VL's default). Needs
+            ``visual.tokens: patches`` and a ViT with a class token.
         projector_zero_init: zero the projector's output layer so that the model is the backbone at init; False
             keeps the authors' xavier init (the memory then changes image samples before any step).
         vit_hidden: width of each ViT block's parallel MLP adapter (authors: 12); 0: no ViT adapters.
@@ -74,6 +78,7 @@ class MemVP(AdapterSettings):
     memory_kernel: Literal["memvp", "adem-vl"] = "memvp"
     memory_drop_fraction: float = 0.0
     memory_grids: list[int] = field(default_factory=list)
+    class_token_input: bool = False
     projector_zero_init: bool = True
     vit_hidden: int = 12
     vit_scale: float = 0.1
@@ -97,8 +102,8 @@ class MemVP(AdapterSettings):
         self.check("vit_hidden", self.vit_hidden >= 0, "must be at least 0")
 
     def layout(self) -> SequenceLayout:
-        """The visual tokens go to the FFN memories, not into the sequence."""
-        return SequenceLayout(visual_in_sequence=False)
+        """The visual tokens go to the FFN memories, not into the sequence; the class token may."""
+        return SequenceLayout(visual_in_sequence=False, class_token_in_sequence=self.class_token_input)
 
 
 class MemoryPositions(nn.Module):

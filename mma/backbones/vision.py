@@ -85,10 +85,13 @@ class VisionTower(ABC):
         """JSON description of the architecture, recorded with exported adapters."""
 
     @abstractmethod
-    def features(self, pixels: torch.Tensor, tokens: Tokens, every: int, layer: int, norm: bool) -> torch.Tensor:
+    def features(
+        self, pixels: torch.Tensor, tokens: Tokens, every: int, layer: int, norm: bool, with_class: bool = False
+    ) -> torch.Tensor:
         """(N, 3, H, W) -> (N, n_vis, width): ``cls``: the class token after every ``every``-th block;
-        ``patches``: the patch tokens of block ``layer`` (Python indexing: -1 last, -2 penultimate). ``norm``
-        passes tokens that lack it through the backbone's final norm."""
+        ``patches``: the patch tokens of block ``layer`` (Python indexing: -1 last, -2 penultimate), after the
+        same block's class token with ``with_class`` (N, 1 + P, width). ``norm`` passes tokens that lack it through
+        the backbone's final norm."""
 
 
 class TimmTower(VisionTower):
@@ -119,7 +122,9 @@ class TimmTower(VisionTower):
             "num_prefix_tokens": vit.num_prefix_tokens,
         }
 
-    def features(self, pixels: torch.Tensor, tokens: Tokens, every: int, layer: int, norm: bool) -> torch.Tensor:
+    def features(
+        self, pixels: torch.Tensor, tokens: Tokens, every: int, layer: int, norm: bool, with_class: bool = False
+    ) -> torch.Tensor:
         vit, depth = self.module, len(self.module.blocks)
         if tokens == "cls":
             outputs = vit.forward_intermediates(
@@ -133,11 +138,19 @@ class TimmTower(VisionTower):
             )
             return torch.stack([prefix[:, 0] for _, prefix in outputs], dim=1)  # (N, depth // every, width)
         if layer % depth == depth - 1:
-            return vit.forward_features(pixels)[:, vit.num_prefix_tokens :]  # (N, P, width), final norm applied
-        (patches,) = vit.forward_intermediates(
-            pixels, indices=[layer % depth], norm=norm, output_fmt="NLC", intermediates_only=True, stop_early=True
+            out = vit.forward_features(pixels)  # (N, prefix + P, width), final norm applied
+            patches = out[:, vit.num_prefix_tokens :]
+            return torch.cat([out[:, :1], patches], dim=1) if with_class else patches
+        ((patches, prefix),) = vit.forward_intermediates(
+            pixels,
+            indices=[layer % depth],
+            return_prefix_tokens=True,
+            norm=norm,
+            output_fmt="NLC",
+            intermediates_only=True,
+            stop_early=True,
         )
-        return patches  # (N, P, width)
+        return torch.cat([prefix[:, :1], patches], dim=1) if with_class else patches  # (N, [1 +] P, width)
 
 
 @dataclass(frozen=True)
@@ -231,7 +244,9 @@ class HFTower(VisionTower):
         config = json.loads(self.module.config.to_json_string(use_diff=False))
         return {"class": type(self.module).__name__, "image_size": list(self.image_size), "config": config}
 
-    def features(self, pixels: torch.Tensor, tokens: Tokens, every: int, layer: int, norm: bool) -> torch.Tensor:
+    def features(
+        self, pixels: torch.Tensor, tokens: Tokens, every: int, layer: int, norm: bool, with_class: bool = False
+    ) -> torch.Tensor:
         """Selected from ``output_hidden_states``: ``hidden_states[0]`` is the embeddings, ``hidden_states[i]`` the
         output of block i without any final norm; the last block's patches are ``last_hidden_state``."""
         family = self.family
@@ -243,7 +258,8 @@ class HFTower(VisionTower):
         else:
             block = layer % depth
             last = block == depth - 1
-            states = (out.last_hidden_state if last else hidden[block + 1])[:, int(self.has_class_token) :]
+            start = int(self.has_class_token and not with_class)
+            states = (out.last_hidden_state if last else hidden[block + 1])[:, start:]
             normed = last and family.normed_output
         return self.module.get_submodule(family.final_norm)(states) if norm and not normed else states
 

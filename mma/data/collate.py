@@ -55,7 +55,7 @@ class VLMCollator:
         self.max_length = max_length
         encode = self.encode
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        slots = [layout.image_slot] * num_visual_tokens if layout.visual_in_sequence else []
+        slots = [layout.image_slot] * layout.sequence_slots(num_visual_tokens)
         self._image_prefix = bos + encode(layout.image_prefix) + slots
         self._text_prefix = bos + encode(layout.text_prefix)
 

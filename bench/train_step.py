@@ -53,6 +53,17 @@ def build(config: str, adapter: str, settings: dict | None = None):
     return cli.model.model, cli.model.make_collator(), cli.trainer.precision_plugin
 
 
+def build_all(config: str, methods: list[str] | tuple[str, ...]) -> dict[str, tuple]:
+    """``build`` for each method with its default settings, but MemVP's memory sized to the recipe's visual tokens
+    as the authors size theirs (``MEMORY_PER_TOKEN``)."""
+    built, slots = {}, None
+    for method in sorted(methods, key=lambda m: m == "memvp"):  # MemVP last: another model counts its tokens
+        settings = {"memory_slots": slots} if method == "memvp" and slots else None
+        built[method] = build(config, method, settings)
+        slots = math.ceil(MEMORY_PER_TOKEN * built[method][0].num_visual_tokens)
+    return {method: built[method] for method in methods}
+
+
 def adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
     """The optimizer ``mma fit`` builds, over the trainable parameters."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -165,10 +176,8 @@ def main() -> None:
 
 def compare_adapters(config: str, steps: int, threads: int) -> None:
     """Training step and generation of every method in ADAPTERS, alternating, with what each step achieves."""
-    runs, settings = {}, {}
-    for adapter in ADAPTERS:  # "none" first: its visual token count sizes MemVP's memory
-        model, collator, precision = build(config, adapter, settings.get(adapter))
-        settings.setdefault("memvp", {"memory_slots": math.ceil(MEMORY_PER_TOKEN * model.num_visual_tokens)})
+    runs = {}
+    for adapter, (model, collator, precision) in build_all(config, ADAPTERS).items():
         train_batch = collator(samples(collator, TOKENS))
         prompt_batch = collator([{**s, "answer": None} for s in samples(collator, TOKENS // 2)])
         optimizer = adamw(model)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.strategies import DDPStrategy
 from timm.data import create_transform
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
@@ -186,13 +187,29 @@ class MMAModule(L.LightningModule):
         if "sample_index" in batch:
             chosen = self._score_options(batch)
             return chosen[self.evaluation.score_normalisation], [None] * len(batch["target"]), chosen
-        tokens = self.model.generate(batch, max_new_tokens=self.hparams.max_new_tokens)
-        texts = self.model.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        prefix = self.evaluation.answer_prefix
+        tokens = self.model.generate(self._with_answer_prefix(batch), max_new_tokens=self.hparams.max_new_tokens)
+        texts = [prefix + text for text in self.model.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
         policy, rng = self.evaluation.unparseable, self.fallback_rng
         parsed = [parse_answer(text, choices) for text, choices in zip(texts, batch["choices"], strict=True)]
         self._unparseable += sum(p is None for p in parsed)
         chosen = [resolve_unparseable(p, len(c), policy, rng) for p, c in zip(parsed, batch["choices"], strict=True)]
         return torch.tensor(chosen), texts, {}
+
+    def _with_answer_prefix(self, batch: dict) -> dict:
+        """The generation batch with the evaluation's answer prefix after every (left-padded) prompt, tokenised
+        as the start of a training answer is: after the layout's answer separator."""
+        if not self.evaluation.answer_prefix:
+            return batch
+        text = self.model.layout.answer_separator + self.evaluation.answer_prefix
+        prefix = self.model.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        prefix = prefix.to(ids.device).expand(ids.shape[0], -1)  # (B, k)
+        return {
+            **batch,
+            "input_ids": torch.cat([ids, prefix], 1),
+            "attention_mask": F.pad(mask, (0, prefix.shape[1]), value=1),
+        }
 
     def _score_options(self, batch: dict) -> dict[str, torch.Tensor]:
         """Chosen option per sample under each normalisation of the options' log-likelihoods: name -> (S,).
@@ -251,8 +268,9 @@ class MMAModule(L.LightningModule):
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         """Greedy answers, one dict per sample with the generated text and the sample's own fields."""
-        tokens = self.model.generate(batch, max_new_tokens=self.hparams.max_new_tokens)
-        texts = self.model.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        prefix = self.evaluation.answer_prefix
+        tokens = self.model.generate(self._with_answer_prefix(batch), max_new_tokens=self.hparams.max_new_tokens)
+        texts = [prefix + text for text in self.model.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
         passthrough = {k: v for k, v in batch.items() if isinstance(v, list)}
         return [{**{k: v[i] for k, v in passthrough.items()}, "generated": text} for i, text in enumerate(texts)]
 

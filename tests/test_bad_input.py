@@ -91,6 +91,12 @@ CASES = [
         "No module named 'nopkg'",
     ),
     ("test-untrained", "test --config {tiny}", 0, UNTRAINED),
+    (
+        "scienceqa-answer-prefix-scored",
+        "fit --config {sqa} --data.init_args.answer_prefix Answer:",
+        2,
+        "answer_prefix starts generated answers: it needs evaluation: generate",
+    ),
     ("scienceqa-list", "fit --config {sqa} --data.init_args.root {tmp}/list", 2, "problems.json: expected an object"),
     (
         "scienceqa-answer-true",

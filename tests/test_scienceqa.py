@@ -287,3 +287,36 @@ def test_scored_test_reports_every_normalisation(tmp_path):
     assert results["test/Avg"] == results["test/Avg@sum"]
     assert {"test/Avg@mean", "test/Avg@char"} <= set(results)
     assert "normalisation sum (Avg under sum" in (tmp_path / "results_test.md").read_text()
+
+
+def test_memvps_evaluation_gives_the_answer_prefix_and_reads_one_token(monkeypatch):
+    """``answer_prefix``: every prompt ends with `` The answer is`` (tokenised as a training answer starts), the
+    model decodes ``max_new_tokens`` tokens, and the parser reads the prefix in front of them; an answer without a
+    letter counts wrong."""
+    from conftest import collator_for, tiny_config
+
+    from mma.data.base import Evaluation
+    from mma.module import MMAModule
+
+    module = MMAModule(tiny_config(), max_length=384, max_new_tokens=1)
+    module.configure_model()
+    module.evaluation, module.fallback_rng, module._unparseable = Evaluation(answer_prefix="The answer is"), None, 0
+    model, prompts = module.model, ["Which? (A) frog (B) whale", "Which is a mammal? (A) frog (B) whale"]
+    batch = collator_for(model)([{"prompt": prompt, "image": None, "answer": None} for prompt in prompts])
+    batch["choices"] = [["frog", "whale"]] * 2
+    seen, letter = {}, model.tokenizer(" B", add_special_tokens=False).input_ids
+
+    def generate(given: dict, max_new_tokens: int) -> list[list[int]]:
+        seen.update(given, max_new_tokens=max_new_tokens)
+        return [letter, []]
+
+    monkeypatch.setattr(model, "generate", generate)
+    chosen, texts, _ = module._choose(batch)
+    prefix = model.tokenizer(" The answer is", add_special_tokens=False).input_ids
+    assert seen["max_new_tokens"] == 1
+    assert seen["input_ids"][:, len(batch["input_ids"][0]) :].tolist() == [prefix, prefix]
+    assert torch.equal(seen["input_ids"][:, : len(batch["input_ids"][0])], batch["input_ids"])
+    assert seen["attention_mask"][:, len(batch["input_ids"][0]) :].all()
+    assert texts == ["The answer is B", "The answer is"] and chosen.tolist() == [1, -1]
+    with pytest.raises(ConfigError, match="answer_prefix starts generated answers: it needs evaluation: generate"):
+        ScienceQADataModule(answer_prefix="The answer is", evaluation="score")

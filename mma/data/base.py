@@ -174,6 +174,8 @@ class Evaluation:
         seed: seed of the random fallback.
         score_normalisation: how scored options compare: ``sum`` of log-probabilities, ``mean`` per token, or per
             ``char`` of the scored text; the overall accuracy under each is logged too (``test/all@mean``, ...).
+        answer_prefix: text every generated answer starts with, given after the prompt and read in front of the
+            generated text (MemVP's ``The answer is``); empty: none.
         unavailable: groups the data cannot fill (reports mark them ``n/a``).
         report: the report the evaluation code writes for each test loader (``scienceqa``), or None.
         metadata: what the report records about the run's data settings.
@@ -185,6 +187,7 @@ class Evaluation:
     unparseable: Literal["wrong", "random"] = "wrong"
     seed: int = 0
     score_normalisation: Literal["sum", "mean", "char"] = "sum"
+    answer_prefix: str = ""
     unavailable: tuple[str, ...] = ()
     report: str | None = None
     metadata: dict = field(default_factory=dict)

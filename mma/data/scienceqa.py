@@ -432,6 +432,9 @@ class ScienceQADataModule(MMADataModule):
             test`` also reports the overall accuracy under each (``test/Avg@sum``, ...).
         unparseable: a generated answer that names no option counts as ``wrong``, or (LaVIN) as a ``random``
             option; their count is always reported.
+        answer_prefix: text that generation starts after, given at the end of every prompt and read in front of
+            the generated text: MemVP's evaluation gives ``The answer is`` and decodes one token
+            (``model.max_new_tokens: 1``); empty, the model writes the whole answer (LaVIN).
         batch_size: training batch size.
         eval_batch_size: evaluation batch size.
         num_workers: DataLoader worker processes.
@@ -457,6 +460,7 @@ class ScienceQADataModule(MMADataModule):
         evaluation: EvaluationMode = "generate",
         score_normalisation: Literal["sum", "mean", "char"] = "mean",
         unparseable: Literal["wrong", "random"] = "wrong",
+        answer_prefix: str = "",
         batch_size: int = 4,
         eval_batch_size: int = 8,
         num_workers: int = 0,
@@ -466,6 +470,8 @@ class ScienceQADataModule(MMADataModule):
         super().__init__(batch_size, eval_batch_size, num_workers, seed, group_by_length)
         self.save_hyperparameters()
         check_settings(layout, prompt_format, evaluation, llava_style)
+        if answer_prefix and evaluation != "generate":
+            raise ConfigError("answer_prefix starts generated answers: it needs evaluation: generate")
         self.root = Path(root)
         self._problems: tuple[dict, dict] | None = None
 
@@ -476,6 +482,8 @@ class ScienceQADataModule(MMADataModule):
         metadata = {"prompt_format": h.prompt_format, "evaluation": h.evaluation, "unparseable_policy": h.unparseable}
         if h.evaluation == "score":
             metadata["score_normalisation"] = h.score_normalisation
+        if h.answer_prefix:
+            metadata["answer_prefix"] = h.answer_prefix
         return Evaluation(
             groups=OFFICIAL_COLUMNS,
             headline="Avg",
@@ -483,6 +491,7 @@ class ScienceQADataModule(MMADataModule):
             unparseable=h.unparseable,
             seed=h.seed,
             score_normalisation=h.score_normalisation,
+            answer_prefix=h.answer_prefix,
             unavailable=LLAVA_UNAVAILABLE if h.layout == "llava" else (),
             report="scienceqa",
             metadata=metadata,

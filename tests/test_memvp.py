@@ -14,7 +14,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 from mma.adapters.base import VISUAL_TOKENS
 from mma.adapters.memvp import MemoryFFN, MemoryPositions, MemVP
 from mma.build import build_model
-from mma.checkpoint import save_adapter
+from mma.checkpoint import load_adapter, save_adapter
 from mma.commands.merge import merge_to_folder
 from mma.errors import ConfigError
 from mma.layout import SequenceLayout
@@ -201,13 +201,16 @@ def test_multiscale_memory_pools_the_patch_grid_before_the_projector():
     assert torch.isfinite(model.loss(_batch(model)))
 
 
-def _adem_vl_model(**settings):
+def _adem_vl_config(**settings):
     """ADEM-VL as its code runs by default: the 4 x 4 patch grid and its 2 x 2 pooling in the memory, the class
     token as one input token."""
     config = tiny_config("memvp", memory_grids=[4, 2], class_token_input=True, **settings)
-    config = dataclasses.replace(config, visual=dataclasses.replace(config.visual, tokens="patches"))
+    return dataclasses.replace(config, visual=dataclasses.replace(config.visual, tokens="patches"))
+
+
+def _adem_vl_model(**settings):
     torch.manual_seed(0)
-    return build_model(config)
+    return build_model(_adem_vl_config(**settings))
 
 
 def test_class_token_input_takes_one_slot_through_its_own_projector():
@@ -239,6 +242,20 @@ def test_class_token_input_generates_the_same_with_and_without_cache():
     batch = collator_for(model)([{**s, "answer": None} for s in _prompt_samples()])
     cached = model.generate(batch, max_new_tokens=8, use_cache=True)
     assert cached == model.generate(batch, max_new_tokens=8, use_cache=False)
+
+
+def test_class_token_input_exports_its_projector_and_reloads_bit_exact(tmp_path):
+    model = _adem_vl_model()
+    perturb(model)
+    config = _adem_vl_config()
+    folder = save_adapter(model, config, tmp_path / "adapter")
+    fresh = _adem_vl_model()
+    load_adapter(fresh, folder, config)
+    for name, tensor in model.class_projector.state_dict().items():
+        assert torch.equal(fresh.class_projector.state_dict()[name], tensor), name
+    batch = _batch(model)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval().hidden_states(batch), model.eval().hidden_states(batch), rtol=0, atol=0)
 
 
 def test_class_token_input_needs_patch_tokens_beside_it():

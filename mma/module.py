@@ -187,14 +187,18 @@ class MMAModule(L.LightningModule):
         if "sample_index" in batch:
             chosen = self._score_options(batch)
             return chosen[self.evaluation.score_normalisation], [None] * len(batch["target"]), chosen
-        prefix = self.evaluation.answer_prefix
-        tokens = self.model.generate(self._with_answer_prefix(batch), max_new_tokens=self.hparams.max_new_tokens)
-        texts = [prefix + text for text in self.model.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+        texts = self._generated_texts(batch)
         policy, rng = self.evaluation.unparseable, self.fallback_rng
         parsed = [parse_answer(text, choices) for text, choices in zip(texts, batch["choices"], strict=True)]
         self._unparseable += sum(p is None for p in parsed)
         chosen = [resolve_unparseable(p, len(c), policy, rng) for p, c in zip(parsed, batch["choices"], strict=True)]
         return torch.tensor(chosen), texts, {}
+
+    def _generated_texts(self, batch: dict) -> list[str]:
+        """Greedy answers to the batch's prompts, each read with the evaluation's answer prefix in front."""
+        prefix = self.evaluation.answer_prefix
+        tokens = self.model.generate(self._with_answer_prefix(batch), max_new_tokens=self.hparams.max_new_tokens)
+        return [prefix + text for text in self.model.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
 
     def _with_answer_prefix(self, batch: dict) -> dict:
         """The generation batch with the evaluation's answer prefix after every (left-padded) prompt, tokenised
@@ -268,9 +272,7 @@ class MMAModule(L.LightningModule):
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         """Greedy answers, one dict per sample with the generated text and the sample's own fields."""
-        prefix = self.evaluation.answer_prefix
-        tokens = self.model.generate(self._with_answer_prefix(batch), max_new_tokens=self.hparams.max_new_tokens)
-        texts = [prefix + text for text in self.model.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+        texts = self._generated_texts(batch)
         passthrough = {k: v for k, v in batch.items() if isinstance(v, list)}
         return [{**{k: v[i] for k, v in passthrough.items()}, "generated": text} for i, text in enumerate(texts)]
 

@@ -117,23 +117,28 @@ def indices_by_kind(questions: list[Question]) -> dict[str, list[int]]:
     return by_kind
 
 
+def sample_by_kind(
+    questions: list[Question], by_kind: dict[str, list[int]], sizes: dict[str, int], rng: random.Random
+) -> list[Question]:
+    """``sizes[kind]`` of each type's questions (``by_kind``: their positions) drawn by ``rng``, types in sorted
+    order; kept in package order."""
+    chosen = {index for kind in sorted(by_kind) for index in rng.sample(by_kind[kind], sizes[kind])}
+    return [q for index, q in enumerate(questions) if index in chosen]
+
+
 def stratified_subset(questions: list[Question], size: int, seed: int) -> list[Question]:
     """``size`` seeded questions, each type in proportion to its share of ``questions``; kept in package order."""
     by_kind = indices_by_kind(questions)
     shares = proportional({kind: len(indices) for kind, indices in by_kind.items()}, size)
-    rng = random.Random(f"easyvqa-test-{seed}")
-    chosen = {index for kind in sorted(by_kind) for index in rng.sample(by_kind[kind], shares[kind])}
-    return [q for index, q in enumerate(questions) if index in chosen]
+    return sample_by_kind(questions, by_kind, shares, random.Random(f"easyvqa-test-{seed}"))
 
 
 def balanced(questions: list[Question], seed: int) -> list[Question]:
     """Equally many questions of each type: each type a seeded subset the size of the rarest type's count, in
     package order (easy-vqa's training questions are 74% yes/no, 13% colour, 13% shape)."""
     by_kind = indices_by_kind(questions)
-    size = min(map(len, by_kind.values()))
-    rng = random.Random(f"easyvqa-balanced-{seed}")
-    chosen = {index for kind in sorted(by_kind) for index in rng.sample(by_kind[kind], size)}
-    return [q for index, q in enumerate(questions) if index in chosen]
+    sizes = dict.fromkeys(by_kind, min(map(len, by_kind.values())))
+    return sample_by_kind(questions, by_kind, sizes, random.Random(f"easyvqa-balanced-{seed}"))
 
 
 def capped(questions: list[Question], size: int | None, seed: int) -> list[Question]:

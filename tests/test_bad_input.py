@@ -92,6 +92,12 @@ CASES = [
     ),
     ("test-untrained", "test --config {tiny}", 0, UNTRAINED),
     (
+        "memvp-class-token-without-patches",
+        'fit --config {tiny} --model.model.adapter {{"class_path":"MemVP","init_args":{{"class_token_input":true}}}}',
+        2,
+        "the class token in the sequence goes beside patch tokens, not visual.tokens=cls",
+    ),
+    (
         "scienceqa-answer-prefix-scored",
         "fit --config {sqa} --data.init_args.answer_prefix Answer:",
         2,

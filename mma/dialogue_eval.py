@@ -40,8 +40,7 @@ def batches(conversations: Sequence[Conversation], size: int) -> list[list[dict]
 def fitting(conversations: Sequence[Conversation], collators: Sequence[ConversationCollator]) -> list[Conversation]:
     """The conversations whose first turn fits every collator's ``max_length``, so models compare on the same ones."""
     samples = [{"messages": list(c.messages), "image": c.image, "id": c.id} for c in conversations]
-    keep = [all(collator.sequence(s) is not None for collator in collators) for s in samples]
-    return [c for c, kept in zip(conversations, keep, strict=True) if kept]
+    return [c for c, s in zip(conversations, samples, strict=True) if all(k.fits(s) for k in collators)]
 
 
 @torch.no_grad()

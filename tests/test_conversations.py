@@ -146,6 +146,38 @@ def test_the_union_takes_everything_once_and_a_ratio_takes_shares():
     assert plan == mixture([2, 100], [3.0, 1.0], 8, seed=0) != mixture([2, 100], [3.0, 1.0], 8, seed=1)
 
 
+def test_mixed_conversations_report_lengths_so_batches_group_by_length(tmp_path):
+    """A short dialogue is not padded to a long instruction's answer: the mixture reports every planned
+    conversation's length, and the training sampler groups by it."""
+    from mma.data.base import LengthGroupedSampler
+    from mma.data.conversations import ConversationDataset, MixedDataset
+
+    short = [llava(picture(tmp_path), ("human", "<image>\nColour?"), ("gpt", "red"), rid=str(i)) for i in range(3)]
+    long = [{"instruction": "Tell a story." * (i + 1), "input": "", "output": "Once." * 20} for i in range(2)]
+    parts = [
+        ConversationDataset(read_source(ConversationSource(write(tmp_path, n, r))))
+        for n, r in (("v.json", short), ("t.json", long))
+    ]
+    mixed = MixedDataset(parts, [(1, 1), (0, 2), (1, 0)])
+    assert mixed.text_lengths() == [len("Tell a story." * 2) + 100, len("Colour?red"), len("Tell a story.") + 100]
+    data = ConversationDataModule([ConversationSource("unused.json")])
+    assert isinstance(data.train_sampler(mixed, 1, 0), LengthGroupedSampler)
+    assert MixedDataset([parts[0], [{}]], [(0, 0)]).text_lengths() is None  # a part without lengths
+
+
+def test_conversations_whose_first_turn_cannot_fit_are_left_out_before_batching(tmp_path):
+    """Length-grouped batches put the longest conversations together: those that cannot fit are dropped from the
+    plan up front, so no batch is left empty."""
+    from conftest import collator_for, tiny_model
+
+    records = [{"instruction": "Say it" + " again" * (40 * i), "input": "", "output": "ok"} for i in range(4)]
+    data = ConversationDataModule([ConversationSource(write(tmp_path, "t.json", records))], template="plain")
+    data.set_collator(collator_for(tiny_model(), max_length=96))
+    data.setup("fit")
+    fitting = data.fitting(data.train_set)
+    assert [inner for _, inner in fitting.plan] == [0] and len(data.train_set.plan) == 4
+
+
 def test_easyvqa_captions_and_dialogues():
     pytest.importorskip("easy_vqa", reason="easy-vqa is not installed")
     from mma.data.easyvqa_conversations import easyvqa_conversations

@@ -3,7 +3,7 @@ import torch
 from PIL import Image
 
 from mma.data import SyntheticVQADataModule
-from mma.data.base import EpochSampler, JointDataset, LengthGroupedSampler, SourceBatchSampler
+from mma.data.base import EpochSampler, JointDataset, LengthGroupedSampler, LengthSortedSampler, SourceBatchSampler
 from mma.data.datamodule import SyntheticCaptions, SyntheticVQA
 from mma.data.images import load_image
 from mma.data.prompts import answer_text, question_prompt
@@ -138,3 +138,16 @@ def test_data_modules_group_by_length_when_the_dataset_reports_lengths():
     assert isinstance(module.train_sampler(joint, 1, 0), LengthGroupedSampler)
     assert type(module.train_sampler([{"prompt": "x"}] * 8, 1, 0)) is EpochSampler  # no lengths reported
     assert type(SyntheticVQADataModule(group_by_length=False).train_sampler(questions, 1, 0)) is EpochSampler
+
+
+def test_evaluation_runs_longest_first_when_the_dataset_reports_lengths():
+    assert list(LengthSortedSampler([5, 9, 1, 9, 3])) == [1, 3, 0, 4, 2]  # ties keep dataset order
+    questions = SyntheticVQA("test", 40, 0, 32, 0.75, "text")
+    module = SyntheticVQADataModule(eval_batch_size=4)
+    module.set_collator(list)
+    order = list(module.eval_loader(questions).sampler)
+    assert sorted(order) == list(range(40))
+    assert [questions.text_lengths()[i] for i in order] == sorted(questions.text_lengths(), reverse=True)
+    in_order = SyntheticVQADataModule(eval_batch_size=4, group_by_length=False)
+    in_order.set_collator(list)
+    assert list(in_order.eval_loader(questions).sampler) == list(range(40))

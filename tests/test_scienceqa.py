@@ -289,6 +289,25 @@ def test_scored_test_reports_every_normalisation(tmp_path):
     assert "normalisation sum (Avg under sum" in (tmp_path / "results_test.md").read_text()
 
 
+def test_scored_predictions_do_not_depend_on_the_evaluation_order(tmp_path):
+    """Longest-first evaluation batches (``group_by_length``) choose what dataset-order batches choose."""
+    from conftest import tiny_config, tiny_trainer
+
+    from mma.module import MMAModule
+
+    hints = ["", "A long hint about the animals of the sea and the land. " * 3, "Short.", "Medium hint, twice. " * 2]
+    problems = {str(i): _problem(answer=i % 3, hint=hint) for i, hint in enumerate(hints)}
+    root = _write(tmp_path / "data", problems, {"test": list(problems)})
+    module = MMAModule(tiny_config(), max_length=384)
+    chosen = []
+    for grouped in (True, False):
+        data = ScienceQADataModule(root=str(root), evaluation="score", eval_batch_size=2, group_by_length=grouped)
+        out = tmp_path / f"grouped-{grouped}"
+        tiny_trainer(default_root_dir=out).test(module, datamodule=data, verbose=False)
+        chosen.append(json.loads(next(out.glob("predictions_*.json")).read_text()))
+    assert chosen[0] == chosen[1]
+
+
 def test_memvps_evaluation_gives_the_answer_prefix_and_reads_one_token(monkeypatch):
     """``answer_prefix``: every prompt ends with `` The answer is`` (tokenised as a training answer starts), the
     model decodes ``max_new_tokens`` tokens, and the parser reads the prefix in front of them; an answer without a

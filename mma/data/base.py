@@ -93,6 +93,19 @@ class LengthGroupedSampler(EpochSampler):
         return torch.cat([steps[i] for i in order] + list(steps[full:]))
 
 
+class LengthSortedSampler(EpochSampler):
+    """Evaluation order, longest sample first: neighbours are of similar length, so batches hold little padding,
+    and a batch that runs out of memory does so at the start. Scores do not depend on the order (records carry
+    their sample ids); every process evaluates the whole set, as with the in-order ``EpochSampler``."""
+
+    def __init__(self, lengths: Sequence[int]) -> None:
+        super().__init__(len(lengths), seed=0, shuffle=False)
+        self.lengths = torch.as_tensor(lengths)
+
+    def order(self) -> torch.Tensor:
+        return self.lengths.argsort(descending=True, stable=True)
+
+
 @runtime_checkable
 class TextLengths(Protocol):
     """A dataset that reports every sample's length without loading it, for length-grouped batches:
@@ -197,8 +210,9 @@ class MMADataModule(L.LightningDataModule):
     """Base of mma's data modules: batches are laid out by the collator the module hands over (``set_collator``),
     and the position in the training epoch is saved in checkpoints so a resumed run sees the same batches.
 
-    ``group_by_length`` batches training samples of similar length together (``LengthGroupedSampler``) when the
-    dataset reports lengths (``TextLengths``); otherwise, and when off, batches are drawn at random.
+    ``group_by_length`` batches training samples of similar length together (``LengthGroupedSampler``) and
+    evaluates longest first (``LengthSortedSampler``) when the dataset reports lengths (``TextLengths``);
+    otherwise, and when off, training batches are drawn at random and evaluation runs in dataset order.
     """
 
     def __init__(
@@ -247,7 +261,12 @@ class MMADataModule(L.LightningDataModule):
         return LengthGroupedSampler(lengths, self.seed, self.batch_size, num_replicas=world, rank=rank)
 
     def eval_loader(self, dataset: Dataset) -> DataLoader:
-        sampler = EpochSampler(len(dataset), self.seed, shuffle=False)
+        """Evaluation batches: longest first (``LengthSortedSampler``) with ``group_by_length`` when the dataset
+        reports lengths, in dataset order otherwise."""
+        lengths = text_lengths(dataset) if self.group_by_length else None
+        sampler = (
+            EpochSampler(len(dataset), self.seed, shuffle=False) if lengths is None else LengthSortedSampler(lengths)
+        )
         return self._loader(dataset, batch_size=self.eval_batch_size, sampler=sampler)
 
     def _loader(self, dataset: Dataset, **batching: int | Sampler) -> DataLoader:

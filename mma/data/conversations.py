@@ -24,7 +24,7 @@ from typing import Literal
 
 from torch.utils.data import DataLoader, Dataset
 
-from mma.data.base import MMADataModule
+from mma.data.base import MMADataModule, text_lengths
 from mma.data.collate import VLMCollator
 from mma.data.dialogue_collate import ConversationCollator, Message, TemplateName
 from mma.data.images import load_image
@@ -238,6 +238,10 @@ class ConversationDataset(Dataset):
         image = load_image(c.image) if c.image is not None else None
         return {"messages": [dict(m) for m in c.messages], "image": image, "id": c.id}
 
+    def text_lengths(self) -> list[int]:
+        """Characters of every conversation's turns (``TextLengths``); no picture is read."""
+        return [sum(len(m["content"]) for m in c.messages) for c in self.conversations]
+
 
 def mixture(sizes: list[int], weights: list[float] | None, total: int, seed: int) -> list[tuple[int, int]]:
     """(source, index) of every sample of an epoch.
@@ -273,6 +277,13 @@ class MixedDataset(Dataset):
         part, inner = self.plan[index]
         return self.parts[part][inner]
 
+    def text_lengths(self) -> list[int] | None:
+        """Every planned sample's ``TextLengths`` length, or None when a part reports none."""
+        parts = [text_lengths(part) for part in self.parts]
+        if any(lengths is None for lengths in parts):
+            return None
+        return [parts[part][inner] for part, inner in self.plan]
+
 
 class ConversationDataModule(MMADataModule):
     """Multi-turn conversations from several sources, every assistant turn trained (training only: evaluate with
@@ -289,6 +300,8 @@ class ConversationDataModule(MMADataModule):
         batch_size: training batch size.
         eval_batch_size: kept for the common data-module signature (no evaluation data here).
         num_workers: DataLoader worker processes.
+        group_by_length: batch conversations of similar length together (a short easy-vqa dialogue is not padded
+            to a long Alpaca answer; a sample's loss is unchanged, only its batch mates are).
     """
 
     def __init__(
@@ -301,8 +314,9 @@ class ConversationDataModule(MMADataModule):
         batch_size: int = 8,
         eval_batch_size: int = 16,
         num_workers: int = 0,
+        group_by_length: bool = True,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, seed)
+        super().__init__(batch_size, eval_batch_size, num_workers, seed, group_by_length)
         if not sources:
             raise ConfigError("the conversation data module needs at least one source")
         if mixing not in ("union", "ratio"):
@@ -332,4 +346,22 @@ class ConversationDataModule(MMADataModule):
         self.train_set = MixedDataset([ConversationDataset(part) for part in parts], plan)
 
     def train_dataloader(self) -> DataLoader:
-        return self.train_loader(self.train_set)
+        return self.train_loader(self.fitting(self.train_set))
+
+    def fitting(self, mixed: MixedDataset) -> MixedDataset:
+        """The planned conversations whose first turn fits the model's ``max_length``; the others could only be
+        left out batch by batch (and a length-grouped batch of the longest would hold nothing to train)."""
+        fits: dict[tuple[int, int], bool] = {}
+        for key in mixed.plan:
+            if key not in fits:
+                c = mixed.parts[key[0]].conversations[key[1]]
+                fits[key] = self.collator.fits({"messages": c.messages, "image": c.image, "id": c.id})
+        kept = [key for key in mixed.plan if fits[key]]
+        if len(kept) < len(mixed.plan):
+            log.warning(
+                "%d of %d planned conversations left out: not even their first turn fits max_length %d",
+                len(mixed.plan) - len(kept),
+                len(mixed.plan),
+                self.collator.base.max_length,
+            )
+        return MixedDataset(mixed.parts, kept)

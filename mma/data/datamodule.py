@@ -90,8 +90,8 @@ class SyntheticVQADataModule(MMADataModule):
         answer_style: ``text`` answers with the option's text, ``letter`` with its letter.
         seed: seed of the problem streams.
         batch_size: training batch size.
-        group_by_length: batch training samples of similar prompt + answer length together (less padding; a
-            sample's loss is unchanged, only its batch mates are).
+        group_by_length: batch training samples of similar prompt + answer length together and evaluate the
+            longest first (less padding; a sample's loss and score are unchanged, only its batch mates are).
         eval_batch_size: problems per evaluation batch (each problem's options are scored after its prompt).
         num_workers: DataLoader worker processes.
     """

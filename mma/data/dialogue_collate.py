@@ -147,16 +147,17 @@ class ConversationCollator:
         encoded[0] = self.base.encode(self.base.layout.prompt_separator + pieces[0][0])
         return [(encoded[k], encoded[k + 1] if k + 1 < len(encoded) else []) for k in range(0, len(encoded), 2)]
 
+    def fits(self, sample: dict) -> bool:
+        """Whether at least the conversation's first turn fits ``max_length`` (the picture need not be decoded:
+        ``sample["image"]`` only has to be None for a text-only one)."""
+        head, turns = self._head_and_turns(sample)
+        return self._turns_that_fit(head, turns) > 0
+
     def sequence(self, sample: dict) -> tuple[list[int], list[int]] | None:
         """Token ids and labels of one conversation, cut after the last whole turn that fits ``max_length``; None
         (the conversation is left out) when not even the first turn fits."""
-        head = self.base.prefix(sample["image"] is not None)
-        turns = self.turns(sample["messages"])[:-1]  # the text after the last answer is never trained
-        if not turns:
-            raise DataError(f"conversation {sample.get('id', '?')} has no assistant turn to train on")
-        budget = self.base.max_length - int(self.base.modality_token) - len(head)
-        lengths = torch.tensor([len(prompt) + len(answer) for prompt, answer in turns]).cumsum(0)
-        kept = int((lengths <= budget).sum())
+        head, turns = self._head_and_turns(sample)
+        kept = self._turns_that_fit(head, turns)
         if kept < len(turns):
             self._count(sample, kept, len(turns))
         if kept == 0:
@@ -166,6 +167,18 @@ class ConversationCollator:
             ids += prompt + answer
             labels += [IGNORE_INDEX] * len(prompt) + answer
         return ids, labels
+
+    def _head_and_turns(self, sample: dict) -> tuple[list[int], list[Turn]]:
+        """The modality/picture prefix and the (prompt, answer) tokens of every trained turn."""
+        turns = self.turns(sample["messages"])[:-1]  # the text after the last answer is never trained
+        if not turns:
+            raise DataError(f"conversation {sample.get('id', '?')} has no assistant turn to train on")
+        return self.base.prefix(sample["image"] is not None), turns
+
+    def _turns_that_fit(self, head: list[int], turns: list[Turn]) -> int:
+        budget = self.base.max_length - int(self.base.modality_token) - len(head)
+        lengths = torch.tensor([len(prompt) + len(answer) for prompt, answer in turns]).cumsum(0)
+        return int((lengths <= budget).sum())
 
     def _count(self, sample: dict, kept: int, total: int) -> None:
         """Count a conversation cut short (``cut``) or left out (``dropped``, ``kept`` 0); log the 1st, 2nd, 4th,

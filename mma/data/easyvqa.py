@@ -216,8 +216,8 @@ class EasyVQADataModule(MMADataModule):
         batch_size: training batch size.
         eval_batch_size: questions per evaluation batch (each question's options are scored after its prompt).
         num_workers: DataLoader worker processes.
-        group_by_length: batch training questions of similar prompt + answer length together (less padding; a
-            sample's loss is unchanged, only its batch mates are).
+        group_by_length: batch training questions of similar prompt + answer length together and evaluate the
+            longest first (less padding; a sample's loss and score are unchanged, only its batch mates are).
     """
 
     def __init__(

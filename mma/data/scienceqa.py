@@ -439,8 +439,8 @@ class ScienceQADataModule(MMADataModule):
         eval_batch_size: evaluation batch size.
         num_workers: DataLoader worker processes.
         seed: seed of the shuffling and of the random fallback.
-        group_by_length: batch training problems of similar prompt + answer length together (less padding; a
-            sample's loss is unchanged, only its batch mates are).
+        group_by_length: batch training problems of similar prompt + answer length together and evaluate the
+            longest first (less padding; a sample's loss and score are unchanged, only its batch mates are).
     """
 
     def __init__(

@@ -44,6 +44,8 @@ class MMAModule(L.LightningModule):
         adapter: an exported adapter folder (``mma export``) loaded onto the model once it is built.
         init_from: an exported adapter folder whose projector starts this run (stage 2 of a two-stage run starts
             from stage 1's aligned projector, whatever method trained it); backbones other than its own are refused.
+        compile: run the training loss through ``torch.compile`` (inductor, dynamic shapes; the first steps
+            compile). The model is not wrapped: checkpoints, resume, evaluation and generation stay eager.
     """
 
     def __init__(
@@ -56,6 +58,7 @@ class MMAModule(L.LightningModule):
         image_transform: dict | None = None,
         adapter: AdapterSource | None = None,
         init_from: str | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("max_length", max_length), ("max_new_tokens", max_new_tokens)):
@@ -75,12 +78,14 @@ class MMAModule(L.LightningModule):
                 "image_transform": image_transform or {},
                 "adapter": asdict(adapter) if adapter else None,
                 "init_from": init_from,
+                "compile": compile,
             }
         )
         self.model: VisionLanguageModel | None = None
         # Checkpoints hold only the trainable weights; ``on_load_checkpoint`` checks their keys exactly instead.
         self.strict_loading = False
         self._backward_inputs: list[torch.nn.Parameter] | None = None
+        self._compiled_loss = None
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -143,7 +148,7 @@ class MMAModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         self._backward_inputs = self._source_parameters(batch)
-        loss = self.model.loss(batch)
+        loss = self._training_loss(batch)
         if not torch.isfinite(loss):
             raise TrainingDiverged(
                 f"loss became {loss.item()} at step {self.global_step} (batch {batch_idx}); the run stops here and "
@@ -151,6 +156,15 @@ class MMAModule(L.LightningModule):
             )
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
+
+    def _training_loss(self, batch: dict) -> torch.Tensor:
+        """The model's loss, compiled when asked; the compiled function sees the batch's tensors only (ids and
+        sources as Python values would be baked into the graph and recompile it every batch)."""
+        if not self.hparams.compile:
+            return self.model.loss(batch)
+        if self._compiled_loss is None:
+            self._compiled_loss = torch.compile(self.model.loss, dynamic=True)
+        return self._compiled_loss({k: v for k, v in batch.items() if isinstance(v, torch.Tensor)})
 
     def _source_parameters(self, batch: dict) -> list[torch.nn.Parameter] | None:
         """Joint training: the parameters a batch from one data source trains; None (all) for unlabelled data."""

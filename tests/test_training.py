@@ -81,6 +81,28 @@ def test_same_seed_gives_bit_identical_adapters(tmp_path):
         assert torch.equal(first[key], second[key]), key
 
 
+def test_a_compiled_training_loss_gives_the_eager_loss_and_gradients(samples):
+    """``compile=True``: the training loss and every adapter gradient as eager (dropout off: compiled and eager
+    draw different random masks); the model itself is not wrapped, so its checkpoint keys stay the same."""
+    from conftest import collator_for, perturb
+
+    found = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        module = MMAModule(tiny_config(dropout=0.0), max_length=192, compile=compiled)
+        module.configure_model()
+        perturb(module.model)
+        batch = collator_for(module.model)(samples) | {"pid": ["a", "b", "c"]}
+        loss = module._training_loss(batch)
+        loss.backward()
+        found.append((loss.detach(), {k: p.grad for k, p in module.named_parameters() if p.requires_grad}))
+    (eager, eager_grads), (compiled, compiled_grads) = found
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    assert compiled_grads.keys() == eager_grads.keys()
+    for key, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[key], grad, rtol=1e-4, atol=1e-6, msg=key)
+
+
 class _Killed(Exception):
     pass
 

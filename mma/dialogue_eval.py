@@ -97,6 +97,19 @@ def is_correct(answer: str, gold: str) -> bool:
     return gold in words and not words & others
 
 
+def rotations(dialogues: Sequence[Conversation], turns: int) -> list[Conversation]:
+    """Each dialogue of ``turns`` exchanges in every cyclic order of its exchanges, so every question is asked
+    once at each turn: the accuracies of turn 1 and turn k then cover the same questions, and differ only by
+    where in the session they are asked."""
+    rotated = []
+    for d in dialogues:
+        pairs = [d.messages[i : i + 2] for i in range(0, 2 * turns, 2)]
+        for k in range(turns):
+            messages = tuple(m for pair in pairs[k:] + pairs[:k] for m in pair)
+            rotated.append(Conversation(f"{d.id}@{k}", messages, d.image))
+    return rotated
+
+
 def turn_accuracy(session: ChatSession, conversations: Sequence[Conversation]) -> list[float]:
     """Accuracy of turn 1, 2, ... over easy-vqa dialogues, each asked in one session (own answers in the cache)."""
     right: dict[int, list[bool]] = defaultdict(list)
@@ -139,7 +152,9 @@ def _router_label(name: str) -> str:
 
 def turn_table(accuracy: list[float], count: int) -> Table:
     table = Table(
-        title="accuracy per turn, %", caption=f"{count} easy-vqa test pictures, one chat session each", min_width=48
+        title="accuracy per turn, %",
+        caption=f"{count} easy-vqa test pictures, a chat session for every order of their questions",
+        min_width=48,
     )
     for i in range(len(accuracy)):
         table.add_column(f"turn {i + 1}", justify="right")
@@ -161,8 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     from mma.data.easyvqa_conversations import dialogue_conversations
 
     console, after = Console(), load_chat(Path(args.adapter), max_new_tokens=args.max_new_tokens)
-    dialogues = [d for d in dialogue_conversations(read_split("test"), "test", args.turns) if len(d.messages) >= 4]
-    dialogues = dialogues[: args.pictures]
+    every = dialogue_conversations(read_split("test"), "test", args.turns)
+    dialogues = [d for d in every if len(d.messages) == 2 * args.turns][: args.pictures]
     texts = read_source(ConversationSource(args.alpaca))[args.alpaca_from :] if args.alpaca else []
     if texts and args.before:
         max_length = after.collator.base.max_length
@@ -173,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     image = routing_weights(after.model, after.collator, dialogues)
     if image:
         console.print(router_table(image, routing_weights(after.model, after.collator, texts) if texts else {}))
-    console.print(turn_table(turn_accuracy(after, dialogues), len(dialogues)))
+    console.print(turn_table(turn_accuracy(after, rotations(dialogues, args.turns)), len(dialogues)))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from PIL import Image
 from mma.checkpoint import save_adapter
 from mma.data.conversations import Conversation
 from mma.data.dialogue_collate import ConversationCollator
-from mma.dialogue_eval import answer_nll, fitting, is_correct, main, routing_weights, turn_accuracy
+from mma.dialogue_eval import answer_nll, fitting, is_correct, main, rotations, routing_weights, turn_accuracy
 
 
 def conversations(tmp_path, image: bool, count: int = 3) -> list[Conversation]:
@@ -83,6 +83,22 @@ def test_turn_accuracy_scores_each_turn_of_each_session(tmp_path):
     dialogues = conversations(tmp_path, image=True, count=2)  # two turns each, gold "green"
     session = Scripted(["green", "red", "green", "green"])
     assert turn_accuracy(session, dialogues) == [1.0, 0.5] and session.resets == 2
+
+
+def test_rotations_ask_every_question_at_every_turn(tmp_path):
+    messages = tuple({"role": role, "content": f"{role} {i}"} for i in range(3) for role in ("user", "assistant"))
+    rotated = rotations([Conversation("d", messages, tmp_path / "p.png")], turns=3)
+    assert [c.id for c in rotated] == ["d@0", "d@1", "d@2"]
+    assert [[m["content"] for m in c.messages[::2]] for c in rotated] == [
+        ["user 0", "user 1", "user 2"],
+        ["user 1", "user 2", "user 0"],
+        ["user 2", "user 0", "user 1"],
+    ]
+    assert all(
+        c.messages[1::2] == tuple(messages[2 * k + 1] for k in order)
+        for c, order in zip(rotated, ([0, 1, 2], [1, 2, 0], [2, 0, 1]), strict=True)
+    )  # answers travel with their questions
+    assert all(c.image == tmp_path / "p.png" for c in rotated)
 
 
 def test_the_tables_print_for_exported_adapters(tmp_path, capsys):

@@ -1,15 +1,19 @@
-"""Option scoring, each prompt once against one sequence per option: seconds per problem and their ratio.
+"""ScienceQA option-scoring evaluation before and after #17: seconds per problem and their ratios.
 
-    python bench/option_scoring.py [--config recipes/scienceqa/demo-cpu.yaml] [--tiny] [--problems 16]
-                                   [--options 4] [--batch 8] [--threads 1] [--repeats 3] [overrides]
+    python bench/option_scoring.py [--config recipes/scienceqa/demo-cpu.yaml] [--tiny] [--problems 0]
+                                   [--options 0] [--batch 8] [--threads 2] [--repeats 2] [overrides]
 
-Takes the first ``--problems`` problems of the recipe's ScienceQA test split (prompts and pictures as the recipe
-makes them; each problem's candidates cycled to ``--options``) and scores them, ``--batch`` problems at a time,
-(a) in the scoring layout (``VisionLanguageModel.option_logprobs``: prompt and picture once, options after it)
-and (b) as one sequence per option (``token_logprobs`` on the prompt + option rows: the layout used before). Each
-timing covers collation and the forward pass; the two alternate so machine drift hits both alike; also checks
-that both give the same scores. ``--tiny`` swaps in the test suite's tiny backbones (LLaMA hidden 64, 2 layers).
-Run it alone: another busy process on two cores makes the absolute numbers meaningless (the ratio less so).
+Takes the recipe's ScienceQA test problems (all of them, or the first ``--problems``; prompts and pictures as the
+recipe makes them; each with its own options, or its candidates cycled to ``--options``) and scores them in
+batches of ``--batch`` problems three ways:
+(a) one sequence per option (``token_logprobs`` on prompt + option rows), batches in dataset order: the evaluation
+    before #17;
+(b) the scoring layout (``VisionLanguageModel.option_logprobs``: prompt and picture once, options after it),
+    batches in dataset order;
+(c) the scoring layout, batches longest first (``LengthSortedSampler``): what ``mma test`` does now.
+Each timing covers collation and the forward pass; the three alternate so machine drift hits them alike; also
+checks that all give the same scores. ``--tiny`` swaps in the test suite's tiny backbones (LLaMA hidden 64,
+2 layers). Run it alone: another busy process on two cores makes the absolute numbers meaningless.
 """
 
 import argparse
@@ -19,30 +23,34 @@ import time
 
 import torch
 
+from mma.backbones.tiny import TINY_LLM, TINY_VIT
+from mma.data.base import LengthSortedSampler
 from mma.recipe import config_cli
 
-TINY_LLM = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=320,
-    max_position_embeddings=4096,
-)
-TINY_VIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2)
 TINY = [
-    *("--model.model.llm.path", "null", "--model.model.llm.config", json.dumps(TINY_LLM)),
-    *("--model.model.vit.overrides", json.dumps(TINY_VIT)),
+    *(
+        "--model.model.llm.path",
+        "null",
+        "--model.model.llm.config",
+        json.dumps(TINY_LLM | {"max_position_embeddings": 4096}),
+    ),
+    *("--model.model.vit.path", "null", "--model.model.vit.name", "vit_tiny_patch16_224"),
+    *("--model.model.vit.image_size", "null", "--model.model.vit.overrides", json.dumps(TINY_VIT)),
     *("--model.max_length", "4096"),  # its byte tokenizer makes ScienceQA prompts about 1,400 tokens long
 ]
 
 
-def problems(data, count: int, options: int) -> list[dict]:
-    """The first ``count`` scored problems of the test split, candidates cycled to ``options`` each."""
+def problems(data, count: int, options: int) -> tuple[list[dict], list[int]]:
+    """The first ``count`` (0: all) scored problems of the test split, candidates cycled to ``options`` (0: their
+    own), and their length-sorted evaluation order."""
     dataset = data.dataset(data.hparams.test_split, "score")
-    chosen = [dataset[i] for i in range(min(count, len(dataset)))]
-    return [{**p, "candidates": [p["candidates"][k % len(p["candidates"])] for k in range(options)]} for p in chosen]
+    chosen = [dataset[i] for i in range(min(count or len(dataset), len(dataset)))]
+    if options:
+        chosen = [
+            {**p, "candidates": [p["candidates"][k % len(p["candidates"])] for k in range(options)]} for p in chosen
+        ]
+    lengths = dataset.text_lengths()[: len(chosen)]
+    return chosen, list(LengthSortedSampler(lengths))
 
 
 def one_row_per_option(problems: list[dict]) -> list[dict]:
@@ -66,16 +74,31 @@ def per_option(model, collator, batch: list[dict]) -> torch.Tensor:
     return row_scores(*model.token_logprobs(collator(rows)), len(rows))
 
 
-def compare(model, collator, batches: list[list[dict]], repeats: int) -> tuple[dict, dict]:
-    """Seconds of each round and the last round's scores (R,), per method; the first round warms up."""
-    times: dict[str, list[float]] = {"prompt once": [], "row per option": []}
+def scores_in_dataset_order(problems: list[dict], order: list[int], scores: torch.Tensor) -> torch.Tensor:
+    """Option scores (R,) computed with problems in ``order``, put back in dataset order."""
+    per_problem = scores.split([len(problems[i]["candidates"]) for i in order])
+    back = dict(zip(order, per_problem, strict=True))
+    return torch.cat([back[i] for i in range(len(problems))])
+
+
+def compare(model, collator, chosen: list[dict], longest_first: list[int], batch: int, repeats: int):
+    """Seconds of each round and the scores (R,) in dataset order, per way; the first round warms up."""
+    in_order = list(range(len(chosen)))
+    ways = {
+        "row per option, in order": (per_option, in_order),
+        "prompt once, in order": (packed, in_order),
+        "prompt once, longest first": (packed, longest_first),
+    }
+    times: dict[str, list[float]] = {name: [] for name in ways}
     scores: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for _ in range(repeats + 1):
-            for name, score in (("prompt once", packed), ("row per option", per_option)):
+            for name, (score, order) in ways.items():
+                problems = [chosen[i] for i in order]
                 start = time.perf_counter()
-                scores[name] = torch.cat([score(model, collator, batch) for batch in batches])
+                found = [score(model, collator, problems[i : i + batch]) for i in range(0, len(problems), batch)]
                 times[name].append(time.perf_counter() - start)
+                scores[name] = scores_in_dataset_order(chosen, order, torch.cat(found))
     return {name: values[1:] for name, values in times.items()}, scores
 
 
@@ -83,32 +106,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="recipes/scienceqa/demo-cpu.yaml")
     parser.add_argument("--tiny", action="store_true", help="the tiny test backbones instead of the recipe's")
-    parser.add_argument("--problems", type=int, default=16)
-    parser.add_argument("--options", type=int, default=4)
+    parser.add_argument("--problems", type=int, default=0, help="first N test problems (default: all)")
+    parser.add_argument("--options", type=int, default=0, help="cycle candidates to N (default: their own)")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
     args, overrides = parser.parse_known_args()
     torch.set_num_threads(args.threads)
 
     cli = config_cli(args.config, [*(TINY if args.tiny else []), *overrides])
     cli.model.configure_model()
     model, collator = cli.model.model.eval(), cli.model.make_collator()
-    chosen = problems(cli.datamodule, args.problems, args.options)
-    batches = [chosen[i : i + args.batch] for i in range(0, len(chosen), args.batch)]
-    times, scores = compare(model, collator, batches, args.repeats)
+    chosen, longest_first = problems(cli.datamodule, args.problems, args.options)
+    times, scores = compare(model, collator, chosen, longest_first, args.batch, args.repeats)
 
     pictures = sum(p["image"] is not None for p in chosen)
+    options = sum(len(p["candidates"]) for p in chosen)
     backbones = "tiny backbones" if args.tiny else "the recipe's backbones"
-    print(f"{args.config}, {backbones}: {len(chosen)} problems ({pictures} with a picture) x {args.options} options,")
+    print(f"{args.config}, {backbones}: {len(chosen)} test problems ({pictures} with a picture), {options} options,")
     print(f"  {args.batch} problems a batch, {args.threads} thread(s), median of {args.repeats} rounds")
     per_problem = {name: statistics.median(values) / len(chosen) for name, values in times.items()}
+    before = per_problem["row per option, in order"]
     for name, seconds in per_problem.items():
-        print(f"  {name:>14}: {1000 * seconds:.1f} ms/problem")
-    print(
-        f"  speed-up, prompt once / row per option: {per_problem['row per option'] / per_problem['prompt once']:.2f}x"
-    )
-    gap = (scores["prompt once"] - scores["row per option"]).abs().max().item()
+        print(f"  {name:>26}: {1000 * seconds:7.1f} ms/problem, {before / seconds:.2f}x")
+    reference = scores["row per option, in order"]
+    gap = max((found - reference).abs().max().item() for found in scores.values())
     print(f"  largest score difference: {gap:.2e}")
 
 

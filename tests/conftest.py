@@ -11,21 +11,10 @@ from PIL import Image
 from mma.adapters import get_adapter
 from mma.adapters.base import adapter_owned_modules
 from mma.backbones import LLMSpec, ViTSpec
+from mma.backbones.tiny import TINY_LLM, TINY_VIT
 from mma.build import ModelConfig, build_model
 from mma.data.collate import VLMCollator
 from mma.model import VisualConfig
-
-TINY_LLM = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=320,
-    max_position_embeddings=256,
-    initializer_range=0.1,
-)
-TINY_VIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2)
 
 logging.getLogger("mma").setLevel(logging.ERROR)
 

@@ -79,6 +79,18 @@ CASES = [
         'Parser key "balance_types": Expected a',
     ),
     (
+        "compile-not-bool",
+        "fit --config {tiny} --model.compile eventually",
+        2,
+        'Parser key "model.compile": Expected a',
+    ),
+    (
+        "conversation-group-by-length-not-bool",
+        "fit --config {tiny} --data mma.data.ConversationDataModule --data.sources [] --data.group_by_length often",
+        2,
+        'Parser key "group_by_length": Expected a',
+    ),
+    (
         "unknown-logger-class",
         "fit --config {tiny} --trainer.logger.class_path lightning.pytorch.loggers.NopeLogger",
         2,

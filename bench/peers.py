@@ -16,8 +16,8 @@ Rows, with matched settings:
     litgpt's adapter (LLaMA-Adapter v1: a gate per head);
   LLaMA-Adapter V2 (10-token prompts in every layer but the first, bias and scale on every linear, norms trained):
     mma's V2 with its default settings, litgpt's adapter_v2 (from layer 1).
-``--compile`` adds mma's rows with the loss compiled as ``MMAModule(compile=True)`` compiles it (the first
-compiled steps, left out of the timing, compile).
+``--compile`` adds mma's rows with the loss compiled as ``MMAModule(compile=True)`` compiles it
+(``mma.module.compiled_loss``; the first compiled steps, left out of the timing, compile).
 
 litgpt is optional and not a package extra: its pins (huggingface-hub<1.4) exclude the transformers 5 mma needs, so
 ``make bench-peers`` installs it beside mma with ``--no-deps``; without it its rows are skipped with a message.
@@ -38,6 +38,7 @@ from peft import AdaptionPromptConfig, LoraConfig, get_peft_model
 from train_step import adamw, build  # bench/ is on sys.path
 
 from mma.data.collate import IGNORE_INDEX
+from mma.module import compiled_loss
 
 BATCH, TOKENS, SCORED = 4, 256, 16
 LORA = dict(r=8, alpha=16, dropout=0.05, targets=["q_proj", "v_proj"])
@@ -89,9 +90,8 @@ def mma_rows(config: str, compiled: bool, methods: list[str]) -> dict[str, tuple
         batch = mma_batch(model, collator, generator)
         rows[method, "mma"] = (model, lambda m=model, b=batch: m.loss(b))
         if compiled:
-            loss = torch.compile(model.loss, dynamic=True)
-            tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
-            rows[method, "mma, compiled"] = (model, lambda f=loss, b=tensors: f(b))
+            loss = compiled_loss(model)
+            rows[method, "mma, compiled"] = (model, lambda f=loss, b=batch: f(b))
     return rows
 
 
@@ -205,9 +205,8 @@ def main() -> None:
     if importlib.util.find_spec("litgpt") is None:
         print("litgpt is not installed (make bench-peers installs it): its rows are skipped")
     else:
-        rows |= litgpt_rows(
-            input_ids, args.methods, v2_start_layer=1
-        )  # mma's V2: a prompt in every layer after the first
+        # mma's V2 puts a prompt in every layer after the first
+        rows |= litgpt_rows(input_ids, args.methods, v2_start_layer=1)
     rows = dict(sorted(rows.items(), key=lambda item: METHODS.index(item[0][0])))  # stable: mma, peft, litgpt
 
     optimizers = {key: adamw(module) for key, (module, _) in rows.items()}

@@ -1,6 +1,7 @@
 """The LightningModule: owns the model, trains only adapter parameters, evaluates by scoring answer options."""
 
 import random
+from collections.abc import Callable
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -28,6 +29,13 @@ from mma.evaluate import REPORTS, parse_answer, resolve_unparseable
 from mma.metrics import NORMALISATIONS, GroupedAccuracy, chance_of, choices_by_normalisation
 from mma.model import VisionLanguageModel
 from mma.optim import OptimizerConfig, make_optimizer, warmup_cosine
+
+
+def compiled_loss(model: VisionLanguageModel) -> Callable[[dict], torch.Tensor]:
+    """``model.loss`` through ``torch.compile`` (inductor, dynamic shapes), fed the batch's tensors only: ids and
+    sources as Python values would be baked into the graph and recompile it every batch."""
+    loss = torch.compile(model.loss, dynamic=True)
+    return lambda batch: loss({k: v for k, v in batch.items() if isinstance(v, torch.Tensor)})
 
 
 class MMAModule(L.LightningModule):
@@ -158,13 +166,12 @@ class MMAModule(L.LightningModule):
         return loss
 
     def _training_loss(self, batch: dict) -> torch.Tensor:
-        """The model's loss, compiled when asked; the compiled function sees the batch's tensors only (ids and
-        sources as Python values would be baked into the graph and recompile it every batch)."""
+        """The model's loss, compiled (``compiled_loss``) when asked."""
         if not self.hparams.compile:
             return self.model.loss(batch)
         if self._compiled_loss is None:
-            self._compiled_loss = torch.compile(self.model.loss, dynamic=True)
-        return self._compiled_loss({k: v for k, v in batch.items() if isinstance(v, torch.Tensor)})
+            self._compiled_loss = compiled_loss(self.model)
+        return self._compiled_loss(batch)
 
     def _source_parameters(self, batch: dict) -> list[torch.nn.Parameter] | None:
         """Joint training: the parameters a batch from one data source trains; None (all) for unlabelled data."""

@@ -39,8 +39,7 @@ def batches(conversations: Sequence[Conversation], size: int) -> list[list[dict]
 
 def fitting(conversations: Sequence[Conversation], collators: Sequence[ConversationCollator]) -> list[Conversation]:
     """The conversations whose first turn fits every collator's ``max_length``, so models compare on the same ones."""
-    samples = [{"messages": list(c.messages), "image": c.image, "id": c.id} for c in conversations]
-    return [c for c, s in zip(conversations, samples, strict=True) if all(k.fits(s) for k in collators)]
+    return [c for c in conversations if all(collator.fits(c.undecoded()) for collator in collators)]
 
 
 @torch.no_grad()

@@ -48,6 +48,11 @@ class Conversation:
     messages: tuple[Message, ...]
     image: Path | None = None
 
+    def undecoded(self) -> dict:
+        """The conversation as a collator's sample with the picture's path in place of the picture: enough to lay
+        it out and measure it (``ConversationCollator.fits``) without decoding it."""
+        return {"messages": list(self.messages), "image": self.image, "id": self.id}
+
 
 @dataclass
 class ConversationSource:
@@ -354,8 +359,7 @@ class ConversationDataModule(MMADataModule):
         fits: dict[tuple[int, int], bool] = {}
         for key in mixed.plan:
             if key not in fits:
-                c = mixed.parts[key[0]].conversations[key[1]]
-                fits[key] = self.collator.fits({"messages": c.messages, "image": c.image, "id": c.id})
+                fits[key] = self.collator.fits(mixed.parts[key[0]].conversations[key[1]].undecoded())
         kept = [key for key in mixed.plan if fits[key]]
         if len(kept) < len(mixed.plan):
             log.warning(

@@ -4,7 +4,9 @@
   under the model before stage 2 and after it; text-only rows never reach the projector, so "before" (stage 1's
   adapter, or any freshly initialised one: adapters start as the identity) is the bare LLM;
 - **routers**: LaVIN's mean routing weights per router, over conversations with a picture and over text-only ones
-  (MMA's claim: the modality token sends the two kinds to different experts);
+  (MMA's claim: the modality token sends the two kinds to different experts), and for each LLM router why it
+  could or could not: how alike its input is for the two modalities (the modality token's normed hidden state)
+  and how far apart its two experts grew;
 - **turns**: accuracy of each turn of easy-vqa test dialogues asked in one chat session, the model's own earlier
   answers in its cache (turn 2 needs the picture and the first exchange to survive the cache).
 
@@ -18,10 +20,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-from mma.adapters.lavin import RouterAdapter
+from mma.adapters.lavin import RouterAdapter, modality_router_inputs
 from mma.chat import ChatSession, load_chat
 from mma.data.conversations import Conversation, ConversationDataset, ConversationSource, read_source
 from mma.data.dialogue_collate import ConversationCollator
@@ -129,12 +132,36 @@ def forgetting_table(before: tuple[float, int], after: tuple[float, int]) -> Tab
     return table
 
 
-def router_table(image: dict[str, torch.Tensor], text: dict[str, torch.Tensor]) -> Table:
-    table = Table(title="LaVIN routers", caption="mean weight of expert 0 / expert 1")
-    for column in ("router", "with a picture", "text only"):
+@torch.no_grad()
+def router_inputs_and_experts(model: VisionLanguageModel) -> dict[str, tuple[float, float]]:
+    """LLM router name -> (cosine of what it reads for a picture and for text only, its experts' distance)."""
+    names = {module: name for name, module in model.named_modules()}
+    image, text = (modality_router_inputs(model, has_image) for has_image in (True, False))
+    return {
+        names[adapter]: (F.cosine_similarity(image[adapter], text[adapter], dim=0).item(), adapter.expert_distance())
+        for adapter in image
+        if adapter.router is not None
+    }
+
+
+def router_table(
+    image: dict[str, torch.Tensor],
+    text: dict[str, torch.Tensor],
+    llm_routers: dict[str, tuple[float, float]] | None = None,
+) -> Table:
+    llm_routers = llm_routers or {}
+    caption = "mean weight of expert 0 / expert 1"
+    columns = ["router", "with a picture", "text only"]
+    if llm_routers:
+        caption += "; input cosine: the router's input with a picture vs text only; experts apart: |B - D| / mean |.|"
+        columns += ["input cosine", "experts apart"]
+    table = Table(title="LaVIN routers", caption=caption)
+    for column in columns:
         table.add_column(column, justify="left" if column == "router" else "right")
     for name in sorted(image.keys() | text.keys(), key=_router_order):
         cells = [" / ".join(f"{w:.2f}" for w in side[name]) if name in side else "-" for side in (image, text)]
+        if llm_routers:
+            cells += [f"{v:.3f}" for v in llm_routers[name]] if name in llm_routers else ["-", "-"]
         table.add_row(_router_label(name), *cells)
     return table
 
@@ -186,7 +213,8 @@ def main(argv: list[str] | None = None) -> None:
         console.print(forgetting_table(answer_nll(before.model, before.collator, texts), after_nll))
     image = routing_weights(after.model, after.collator, dialogues)
     if image:
-        console.print(router_table(image, routing_weights(after.model, after.collator, texts) if texts else {}))
+        text = routing_weights(after.model, after.collator, texts) if texts else {}
+        console.print(router_table(image, text, router_inputs_and_experts(after.model)))
     console.print(turn_table(turn_accuracy(after, rotations(dialogues, args.turns)), len(dialogues)))
 
 

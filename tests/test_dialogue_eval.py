@@ -11,7 +11,17 @@ from PIL import Image
 from mma.checkpoint import save_adapter
 from mma.data.conversations import Conversation
 from mma.data.dialogue_collate import ConversationCollator
-from mma.dialogue_eval import answer_nll, fitting, is_correct, main, rotations, routing_weights, turn_accuracy
+from mma.dialogue_eval import (
+    answer_nll,
+    fitting,
+    is_correct,
+    main,
+    rotations,
+    router_inputs_and_experts,
+    router_table,
+    routing_weights,
+    turn_accuracy,
+)
 
 
 def conversations(tmp_path, image: bool, count: int = 3) -> list[Conversation]:
@@ -59,6 +69,17 @@ def test_routers_are_read_per_modality(tmp_path):
     assert len(llm) == 2 and len(image) == 4 and set(text) == set(llm)  # ViT routers see pictures only
     assert all(torch.allclose(w.sum(), torch.tensor(1.0)) for w in (*image.values(), *text.values()))
     assert not torch.allclose(image[llm[0]], text[llm[0]])  # the modality token routes them apart
+
+
+def test_llm_routers_report_their_inputs_by_modality_and_their_experts():
+    model = tiny_model("lavin")
+    at_init = router_inputs_and_experts(model)
+    assert len(at_init) == 2 and all(name.startswith("llm.") for name in at_init)
+    assert all(-1 <= cosine < 0.999 and apart == 0.0 for cosine, apart in at_init.values())
+    perturb(model)
+    assert all(apart > 0 for _, apart in router_inputs_and_experts(model).values())
+    table = router_table({name: torch.tensor([0.5, 0.5]) for name in at_init}, {}, at_init)
+    assert [column.header for column in table.columns][-2:] == ["input cosine", "experts apart"]
 
 
 def test_an_answer_is_right_when_it_names_the_gold_option_only():

@@ -47,6 +47,35 @@ def test_router_output_hand_computed():
     torch.testing.assert_close(adapter(x), expected)
 
 
+def _train_experts(route_inputs: torch.Tensor, steps: int = 20) -> RouterAdapter:
+    """A router adapter after Adam steps on a fixed regression, each sample routed from ``route_inputs[i]`` by a
+    router held fixed (Adam would blow its rounding-level gradient up to full steps, varying the weights in time)."""
+    torch.manual_seed(0)
+    adapter = RouterAdapter(8, LaVIN(hidden=4, temperature=1.0, dropout=0.0))
+    adapter.router.requires_grad_(False)
+    optimizer = torch.optim.Adam([p for p in adapter.parameters() if p.requires_grad], lr=1e-2)
+    x, target = torch.randn(len(route_inputs), 5, 8), torch.randn(len(route_inputs), 5, 8)
+    x[:, 0] = route_inputs
+    for _ in range(steps):
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(adapter(x), target).backward()
+        optimizer.step()
+    return adapter
+
+
+def test_experts_stay_equal_while_every_sample_routes_alike():
+    """Zero-init experts get gradients w0 G and w1 G: Adam moves them alike unless routing differs between samples."""
+    alike = _train_experts(torch.randn(1, 8).expand(6, 8))
+    assert alike.up[0].weight.abs().sum() > 0 and alike.expert_distance() < 1e-5
+    apart = _train_experts(torch.randn(6, 8))
+    assert apart.expert_distance() > 1e-2
+    assert (
+        RouterAdapter(8, LaVIN(hidden=4)).expert_distance()
+        == 0.0
+        == RouterAdapter(8, LaVIN(router=False)).expert_distance()
+    )
+
+
 def test_modality_token_is_attended_by_no_other_position(samples):
     """Changing the modality embedding changes no other position's output while adapters are at init."""
     model = tiny_model("lavin")

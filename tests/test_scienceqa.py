@@ -289,6 +289,18 @@ def test_scored_test_reports_every_normalisation(tmp_path):
     assert "normalisation sum (Avg under sum" in (tmp_path / "results_test.md").read_text()
 
 
+def test_lengths_count_what_each_mode_puts_in_a_row(tmp_path):
+    """Training rows hold prompt and target, scoring rows the prompt and every candidate, generation the prompt."""
+    root = _write(tmp_path, {"1": _problem(hint="A hint.")}, {"train": ["1"]})
+    lengths = {
+        mode: _dataset(root, mode=mode, fmt="CQM-A").text_lengths()[0] for mode in ("train", "score", "generate")
+    }
+    sample = {mode: _dataset(root, mode=mode, fmt="CQM-A")[0] for mode in ("train", "score")}
+    prompt = len(sample["train"]["prompt"])
+    assert lengths["train"] == prompt + len(sample["train"]["answer"]) and lengths["generate"] == prompt
+    assert lengths["score"] == prompt + sum(len(c) + 1 for c in sample["score"]["candidates"])
+
+
 def test_scored_predictions_do_not_depend_on_the_evaluation_order(tmp_path):
     """Longest-first evaluation batches (``group_by_length``) choose what dataset-order batches choose."""
     from conftest import tiny_config, tiny_trainer

@@ -8,6 +8,7 @@ Data and module talk one way: ``MMAModule.setup`` gives the data module its coll
 
 import bisect
 import logging
+import statistics
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
@@ -106,13 +107,39 @@ class LengthSortedSampler(EpochSampler):
         return self.lengths.argsort(descending=True, stable=True)
 
 
+class LengthBudgetBatchSampler(Sampler[list[int]]):
+    """Evaluation batches in ``LengthSortedSampler``'s order, each holding as many samples as fit ``budget``
+    counted as samples x the batch's longest length (one at least): long samples go few to a batch, short ones
+    many. A batch's padded size never exceeds the budget, so memory stays at or below that of ``budget / length``
+    samples of any length, and short samples still fill wide matrix products."""
+
+    def __init__(self, lengths: Sequence[int], budget: float) -> None:
+        self.batches: list[list[int]] = []
+        for index in LengthSortedSampler(lengths).order().tolist():
+            if not self.batches or (len(self.batches[-1]) + 1) * lengths[self.batches[-1][0]] > budget:
+                self.batches.append([])
+            self.batches[-1].append(index)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 @runtime_checkable
 class TextLengths(Protocol):
-    """A dataset that reports every sample's length without loading it, for length-grouped batches:
-    ``len(prompt) + len(answer)`` in characters. A proxy for the token count: a tokenizer gives about a token
-    per 3-4 characters, and the visual tokens an image sample adds are left out."""
+    """A dataset that reports every sample's length without loading it, for length-grouped batches: the
+    characters of the row it becomes (``row_chars``). A proxy for the token count: a tokenizer gives about a
+    token per 3-4 characters, and the visual tokens an image sample adds are left out."""
 
     def text_lengths(self) -> list[int]: ...
+
+
+def row_chars(prompt: str, answer: str | None = None, candidates: Sequence[str] = ()) -> int:
+    """Characters of a sample's row: the prompt and its answer, or every candidate when options are scored (a
+    scoring row holds the prompt once, then each candidate after a separator)."""
+    return len(prompt) + len(answer or "") + sum(len(candidate) + 1 for candidate in candidates)
 
 
 class JointDataset(Dataset):
@@ -211,7 +238,8 @@ class MMADataModule(L.LightningDataModule):
     and the position in the training epoch is saved in checkpoints so a resumed run sees the same batches.
 
     ``group_by_length`` batches training samples of similar length together (``LengthGroupedSampler``) and
-    evaluates longest first (``LengthSortedSampler``) when the dataset reports lengths (``TextLengths``);
+    evaluates longest first in batches sized by length (``LengthBudgetBatchSampler``) when the dataset reports
+    lengths (``TextLengths``);
     otherwise, and when off, training batches are drawn at random and evaluation runs in dataset order.
     """
 
@@ -261,13 +289,15 @@ class MMADataModule(L.LightningDataModule):
         return LengthGroupedSampler(lengths, self.seed, self.batch_size, num_replicas=world, rank=rank)
 
     def eval_loader(self, dataset: Dataset) -> DataLoader:
-        """Evaluation batches: longest first (``LengthSortedSampler``) with ``group_by_length`` when the dataset
-        reports lengths, in dataset order otherwise."""
+        """Evaluation batches: with ``group_by_length``, when the dataset reports lengths, longest first and sized
+        to ``eval_batch_size`` samples of the median length (``LengthBudgetBatchSampler``); otherwise
+        ``eval_batch_size`` samples a batch in dataset order."""
         lengths = text_lengths(dataset) if self.group_by_length else None
-        sampler = (
-            EpochSampler(len(dataset), self.seed, shuffle=False) if lengths is None else LengthSortedSampler(lengths)
-        )
-        return self._loader(dataset, batch_size=self.eval_batch_size, sampler=sampler)
+        if lengths is None:
+            sampler = EpochSampler(len(dataset), self.seed, shuffle=False)
+            return self._loader(dataset, batch_size=self.eval_batch_size, sampler=sampler)
+        budget = self.eval_batch_size * statistics.median(lengths)
+        return self._loader(dataset, batch_sampler=LengthBudgetBatchSampler(lengths, budget))
 
     def _loader(self, dataset: Dataset, **batching: int | Sampler) -> DataLoader:
         # An own generator: creating the iterator must not draw from the global RNG (dropout's), or a resumed

@@ -3,7 +3,7 @@
 from torch.utils.data import DataLoader, Dataset
 
 from mma.adapters.base import CAPTION, INSTRUCTION
-from mma.data.base import Evaluation, JointDataset, MMADataModule
+from mma.data.base import Evaluation, JointDataset, MMADataModule, row_chars
 from mma.data.prompts import AnswerStyle, answer_text, question_prompt
 from mma.data.synthetic import IMAGE_TYPES, Problem, blank_like, make_caption, make_problem
 from mma.errors import ConfigError
@@ -52,9 +52,9 @@ class SyntheticVQA(Dataset):
         return {**sample, "candidates": candidates, "target": p.answer, "groups": groups}
 
     def text_lengths(self) -> list[int]:
-        """Prompt + answer characters of every sample (``TextLengths``)."""
+        """Characters of every sample's row (``TextLengths``): prompt and answer, or every candidate."""
         samples = (self[i] for i in range(self.size))  # drawing a problem takes ~0.2 ms
-        return [len(sample["prompt"]) + len(sample.get("answer") or "") for sample in samples]
+        return [row_chars(s["prompt"], s.get("answer"), s.get("candidates", ())) for s in samples]
 
 
 class SyntheticCaptions(Dataset):
@@ -72,7 +72,7 @@ class SyntheticCaptions(Dataset):
 
     def text_lengths(self) -> list[int]:
         """Prompt + caption characters of every sample (``TextLengths``)."""
-        return [len(CAPTION_PROMPT) + len(self[i]["answer"]) for i in range(self.size)]
+        return [row_chars(CAPTION_PROMPT, self[i]["answer"]) for i in range(self.size)]
 
 
 class SyntheticVQADataModule(MMADataModule):

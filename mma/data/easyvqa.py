@@ -19,7 +19,7 @@ from typing import Literal
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from mma.data.base import Evaluation, MMADataModule
+from mma.data.base import Evaluation, MMADataModule, row_chars
 from mma.data.images import load_image
 from mma.data.prompts import answer_text, question_prompt
 from mma.errors import ConfigError, DataError
@@ -191,11 +191,15 @@ class EasyVQA(Dataset):
         }
 
     def text_lengths(self) -> list[int]:
-        """Prompt + answer characters of every question (``TextLengths``); no picture is read."""
+        """Characters of every question's row (``TextLengths``): prompt and answer, or every candidate when
+        evaluating; no picture is read."""
         lengths = []
         for q in self.questions:
             prompt, answers = prompt_and_answers(q, self.prompt_style)
-            lengths.append(len(prompt) + len(answers[OPTIONS[q.kind].index(q.answer)]))
+            if self.evaluate:
+                lengths.append(row_chars(prompt, candidates=answers))
+            else:
+                lengths.append(row_chars(prompt, answers[OPTIONS[q.kind].index(q.answer)]))
         return lengths
 
 

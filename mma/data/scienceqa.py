@@ -14,7 +14,7 @@ from typing import Literal
 
 from torch.utils.data import DataLoader, Dataset
 
-from mma.data.base import Evaluation, MMADataModule
+from mma.data.base import Evaluation, MMADataModule, row_chars
 from mma.data.images import load_image
 from mma.data.prompts import (
     CLOZE,
@@ -195,9 +195,15 @@ class ScienceQA(Dataset):
         return prompt, target, answer_candidates(p["choices"], self.answer_style)
 
     def text_lengths(self) -> list[int]:
-        """Prompt + training target characters of every problem (``TextLengths``); no picture is read."""
+        """Characters of every problem's row (``TextLengths``): prompt and training target, prompt and every
+        candidate when scoring, the prompt alone when generating; no picture is read."""
         texts = (self._texts(self.problems[pid]) for pid in self.pids)
-        return [len(prompt) + len(target) for prompt, target, _ in texts]
+        return [self._row_chars(prompt, target, candidates) for prompt, target, candidates in texts]
+
+    def _row_chars(self, prompt: str, target: str, candidates: list[str]) -> int:
+        if self.mode == "score":
+            return row_chars(prompt, candidates=candidates)
+        return row_chars(prompt, target if self.mode == "train" else None)
 
 
 # LLaVA's converter (haotian-liu/LLaVA scripts/convert_sqa_to_llava.py) writes a problem's input fields as
@@ -390,8 +396,16 @@ class LLaVAScienceQA(Dataset):
         return {**sample, **evaluation, "answer": None}
 
     def text_lengths(self) -> list[int]:
-        """Human + gpt turn characters of every record (``TextLengths``); no picture is read."""
-        return [sum(len(turn["value"]) for turn in record["conversations"][:2]) for record in self.records]
+        """Characters of every record's row (``TextLengths``): human and gpt turns, the human turn and every
+        candidate when scoring, the human turn alone when generating; no picture is read."""
+        lengths = []
+        for record, (turn, _) in zip(self.records, self.parsed, strict=True):
+            human, gpt = (t["value"] for t in record["conversations"][:2])
+            if self.mode == "score":
+                lengths.append(row_chars(human, candidates=answer_candidates(turn.options, self.answer_style)))
+            else:
+                lengths.append(row_chars(human, gpt if self.mode == "train" else None))
+        return lengths
 
 
 def check_settings(layout: str, prompt_format: str, evaluation: str, llava_style: str | None) -> None:

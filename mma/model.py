@@ -278,26 +278,32 @@ class VisionLanguageModel(nn.Module):
         (N,), (N,), rows numbered as ``batch["sample_index"]`` numbers them.
 
         A scoring row (``mma.data.collate``) holds a prompt, then each candidate as a segment. A candidate attends
-        to the prompt and to itself only, its positions continue from the prompt's end and its first token is
-        predicted from the prompt's last position: each scores as in a sequence of its own, while the prompt, its
-        picture and the modality token that LaVIN's routers read go through the model once for all candidates.
+        to the prompt and to itself only and its positions continue from the prompt's end, so each scores as in a
+        sequence of its own, while the prompt, its picture and the modality token that LaVIN's routers read go
+        through the model once for all candidates. A candidate's first token is predicted from the prompt's last
+        position, each later one from the candidate position before it (labelled with it).
         """
         valid, segments = batch["attention_mask"].bool(), batch["segment_ids"]  # (S, T) each
         index = torch.arange(segments.shape[1], device=segments.device)
         first, starts = segment_starts(segments)
-        prompt_last = (segments == 0).sum(dim=1, keepdim=True) - 1  # (S, 1): candidates follow the prompt
-        predictors = torch.where(first, prompt_last, index - 1)  # (S, T): the position predicting each token
+        starts_candidate = first & (segments > 0)  # (S, T): the first token of each candidate
         keys, queries = segments[:, None, None, :], segments[:, None, :, None]
         mask = self.attention_mask(valid) & ((keys == 0) | (keys == queries))  # (S, 1, T, T)
         positions = self.position_ids(valid & (segments == 0)) + torch.where(segments > 0, index - starts + 1, 0)
         hidden = self.hidden_states(batch, mask, positions)  # (S, T, d)
-        selected = batch["labels"] != IGNORE_INDEX  # (S, T): the candidates' tokens
-        sample = torch.arange(segments.shape[0], device=segments.device)[:, None].expand_as(segments)[selected]
-        logits = self.llm.get_output_embeddings()(hidden[sample, predictors[selected]]).float()  # (N, vocab)
-        logprobs = -F.cross_entropy(logits, batch["labels"][selected], reduction="none")
+        within = batch["labels"] != IGNORE_INDEX  # (S, T): candidate positions that predict a later token
+        prompt_last = (segments == 0).sum(dim=1) - 1  # (S,): candidates follow the prompt
+        first_rows, first_positions = starts_candidate.nonzero(as_tuple=True)
+        within_rows, within_positions = within.nonzero(as_tuple=True)
+        sample = torch.cat([first_rows, within_rows])  # (N,)
+        predictors = torch.cat([prompt_last[first_rows], within_positions])
+        targets = torch.cat([batch["input_ids"][starts_candidate], batch["labels"][within]])
+        logits = self.llm.get_output_embeddings()(hidden[sample, predictors]).float()  # (N, vocab)
+        logprobs = -F.cross_entropy(logits, targets, reduction="none")
         options = torch.bincount(batch["sample_index"].to(sample.device), minlength=segments.shape[0])  # (S,)
         first_row = options.cumsum(0) - options  # (S,) row of each sample's first option
-        return logprobs, first_row[sample] + segments[selected] - 1
+        segment = torch.cat([segments[starts_candidate], segments[within]])
+        return logprobs, first_row[sample] + segment - 1
 
     @torch.no_grad()
     def generate(

@@ -118,13 +118,14 @@ def test_scoring_layout_holds_each_prompt_and_picture_once():
     assert batch["pixel_values"].shape[0] == 2 and batch["has_image"].tolist() == [True, False, True]
     assert batch["sample_index"].tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 2]
     assert [row.max().item() for row in batch["segment_ids"]] == [3, 2, 4]
-    labelled = batch["labels"] != IGNORE_INDEX
-    assert torch.equal(labelled, batch["segment_ids"] > 0)  # exactly the options' tokens are scored
-    eos = model.tokenizer.eos_token
+    eos = model.tokenizer.eos_token_id
     for row, problem in enumerate(problems):
         for k, option in enumerate(problem["candidates"], start=1):
-            tokens = batch["input_ids"][row][batch["segment_ids"][row] == k].tolist()
-            assert model.tokenizer.decode(tokens) == " " + option + eos
+            in_option = batch["segment_ids"][row] == k
+            tokens, labels = batch["input_ids"][row][in_option].tolist(), batch["labels"][row][in_option].tolist()
+            assert model.tokenizer.decode(tokens) == " " + option  # its EOS is predicted, never read
+            assert labels == [*tokens[1:], eos]  # each position is labelled with the token it predicts
+    assert (batch["labels"][batch["segment_ids"] == 0] == IGNORE_INDEX).all()
 
 
 def test_lavin_routes_each_option_as_its_own_sequence_would():
@@ -153,7 +154,13 @@ def test_scoring_layout_cuts_options_where_one_sequence_would_be_cut():
     collate = collator_for(model, max_length=width + 4)  # the modality slot, the prompt, 4 tokens
     batch = collate(problems)
     expanded = collate(_one_row_per_option(problems))
-    labelled = (batch["labels"] != IGNORE_INDEX).sum().item()
-    assert labelled == (expanded["labels"] != IGNORE_INDEX).sum().item() == 4 + 3  # " a r" cut, " b" EOS whole
+    with torch.no_grad():
+        scored = len(model.option_logprobs(batch)[0])  # a label per candidate position, a first token per candidate
+    assert scored == (expanded["labels"] != IGNORE_INDEX).sum().item() == 4 + 3  # " a r" cut, " b" EOS whole
+    one_token = collator_for(model, max_length=width + 1)  # each candidate cut to its first token
+    with torch.no_grad():
+        logprobs, rows = model.option_logprobs(one_token(problems))
+        reference = model.token_logprobs(one_token(_one_row_per_option(problems)))
+    torch.testing.assert_close(_row_scores(logprobs, rows, 2), _row_scores(*reference, 2), rtol=0, atol=1e-4)
     with pytest.raises(DataError, match="leaves no room for the answer"):
         collator_for(model, max_length=width)(problems)

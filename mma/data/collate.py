@@ -7,9 +7,11 @@ Other keys (``category``, ``target``, ids) are passed through as lists.
 
 Samples with ``candidates`` get the scoring layout: one row per sample holding its prompt once and then every
 candidate's tokens, each candidate a segment of its own (``segment_ids``: 0 for the prompt and padding, k for the
-k-th candidate), so the prompt (and the picture) is encoded once, not once per option::
+k-th candidate), so the prompt (and the picture) is encoded once, not once per option. A candidate's last token
+(its EOS) is only ever predicted, so the row leaves it out: each candidate position is labelled with the token it
+predicts, and a candidate's first token, predicted from the prompt's last position, is the one at its start::
 
-    [modality] [pad ...] [BOS] "Image: " [visual tokens] "\\n" prompt | " " option 1 [EOS] | " " option 2 [EOS] | ...
+    [modality] [pad ...] [BOS] "Image: " [visual tokens] "\\n" prompt | " " option 1 | " " option 2 | ...
 
 ``VisionLanguageModel.option_logprobs`` lets each candidate attend to the prompt and to itself only and restarts
 its positions where the prompt ends, which gives the scores of one full sequence per candidate.
@@ -111,8 +113,9 @@ class VLMCollator:
         return self.max_length - int(self.modality_token)
 
     def _scoring_rows(self, samples: list[dict]) -> dict:
-        """The scoring layout: per sample its prompt, then each candidate as segment k = 1, 2, ...; labels mark the
-        candidates' tokens. ``max_length`` bounds prompt + one candidate, as it bounds each sequence in training."""
+        """The scoring layout: per sample its prompt, then each candidate but its last token as segment k = 1, 2,
+        ...; a candidate position's label is the token it predicts. ``max_length`` bounds prompt + one candidate,
+        as it bounds each sequence in training."""
         rows, segments = [], []
         for sample in samples:
             ids = self._prompt(sample)
@@ -124,7 +127,9 @@ class VLMCollator:
             labels, row_segments = [IGNORE_INDEX] * len(ids), [0] * len(ids)
             for k, candidate in enumerate(sample["candidates"], start=1):
                 target = self._target(candidate)[:room]
-                ids, labels, row_segments = ids + target, labels + target, row_segments + [k] * len(target)
+                read = target[:-1] or target  # a one-token candidate keeps its token: its segment must exist
+                predicted = target[1:] or [IGNORE_INDEX]
+                ids, labels, row_segments = ids + read, labels + predicted, row_segments + [k] * len(read)
             rows.append((ids, labels))
             segments.append(row_segments)
         return self.pad(rows, segments)

@@ -41,6 +41,7 @@ QUIET_WARNINGS = (
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
     r"LightningCLI's args parameter is intended",
     r".*your dataloader is not resumable",
+    r"You are using a custom batch sampler `LengthBudgetBatchSampler` for prediction",  # it drops no sample
 )
 QUIET_LOGGERS = {
     "lightning.pytorch.utilities.rank_zero": logging.WARNING,  # tips (litlogger, litmodels), GPU/TPU available

@@ -64,6 +64,9 @@ class MMACLI(LightningCLI):
                 "enable_model_summary": False,  # PartsSummary's line instead
                 "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
                 "default_root_dir": "runs",  # git-ignored; with `logger: false` too, nothing lands in the cwd
+                # mma's samplers place every rank (EpochSampler shards training, each process evaluates the whole
+                # set); Lightning could not rebuild the evaluation's LengthBudgetBatchSampler around one of its own.
+                "use_distributed_sampler": False,
             },
             parser_kwargs={"prog": "mma", **_RAISE, **{command: _RAISE for command in LightningCLI.subcommands()}},
             args=args,

@@ -84,3 +84,12 @@ def test_two_process_checkpoint_holds_only_the_adapter_and_exports(runs, tmp_pat
     loaded = dict(model.named_parameters())
     for key, value in state.items():
         assert torch.equal(loaded[key.removeprefix("model.")], value), key
+
+
+def test_two_processes_evaluate_in_batches_sized_by_length(tmp_path):
+    """Evaluation's batch sampler under DDP: mma places the ranks itself, Lightning does not rebuild the loader."""
+    command = [sys.executable, "-m", "mma.cli", "test", "--config", TINY, f"--trainer.default_root_dir={tmp_path}"]
+    command += ["--trainer.strategy=ddp", "--trainer.devices=2", "--data.init_args.group_by_length=true"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "test/all" in done.stdout

@@ -110,8 +110,9 @@ class LengthSortedSampler(EpochSampler):
 class LengthBudgetBatchSampler(Sampler[list[int]]):
     """Evaluation batches in ``LengthSortedSampler``'s order, each holding as many samples as fit ``budget``
     counted as samples x the batch's longest length (one at least): long samples go few to a batch, short ones
-    many. A batch's padded size never exceeds the budget, so memory stays at or below that of ``budget / length``
-    samples of any length, and short samples still fill wide matrix products."""
+    many. A batch's padded size (samples x longest) never exceeds the budget unless it holds one sample, so
+    memory is bounded by the budget while short samples still fill wide matrix products. Every process gets every
+    sample once (no distributed sharding, no drop_last), as with ``LengthSortedSampler``."""
 
     def __init__(self, lengths: Sequence[int], budget: float) -> None:
         self.batches: list[list[int]] = []

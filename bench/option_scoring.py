@@ -51,7 +51,7 @@ def problems(data, count: int, options: int, batch: int) -> tuple[list[dict], li
             {**p, "candidates": [p["candidates"][k % len(p["candidates"])] for k in range(options)]} for p in chosen
         ]
     lengths = [row_chars(p["prompt"], candidates=p["candidates"]) for p in chosen]
-    return chosen, list(LengthBudgetBatchSampler(lengths, batch * statistics.median(lengths)))
+    return chosen, list(LengthBudgetBatchSampler.median_sized(lengths, batch))
 
 
 def one_row_per_option(problems: list[dict]) -> list[dict]:

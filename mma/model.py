@@ -293,7 +293,7 @@ class VisionLanguageModel(nn.Module):
         hidden = self.hidden_states(batch, mask, positions)  # (S, T, d)
         within = batch["labels"] != IGNORE_INDEX  # (S, T): candidate positions that predict a later token
         prompt_last = (segments == 0).sum(dim=1) - 1  # (S,): candidates follow the prompt
-        first_rows, first_positions = starts_candidate.nonzero(as_tuple=True)
+        first_rows = starts_candidate.nonzero(as_tuple=True)[0]
         within_rows, within_positions = within.nonzero(as_tuple=True)
         sample = torch.cat([first_rows, within_rows])  # (N,)
         predictors = torch.cat([prompt_last[first_rows], within_positions])

@@ -1,5 +1,3 @@
-import statistics
-
 import pytest
 import torch
 from PIL import Image
@@ -162,13 +160,14 @@ def test_evaluation_runs_longest_first_when_the_dataset_reports_lengths():
     in_order = SyntheticVQADataModule(eval_batch_size=4, group_by_length=False)
     in_order.set_collator(list)
     assert list(in_order.eval_loader(questions).sampler) == list(range(40))
+    assert len(module.eval_loader(SyntheticVQA("test", 0, 0, 32, 0.75, "text"))) == 0  # empty: no median, no batch
 
 
 def test_evaluation_batches_hold_the_median_length_times_the_batch_size():
     """Long samples go few to a batch and short ones many; no batch pads past the budget unless it holds one."""
     assert list(LengthBudgetBatchSampler([5, 9, 1, 9, 3, 2, 2], budget=10)) == [[1], [3], [0, 4], [5, 6, 2]]
     lengths = [300, 40, 41, 38, 120, 39, 35, 36, 37, 90]
-    batches = list(LengthBudgetBatchSampler(lengths, budget=4 * statistics.median(lengths)))
+    batches = list(LengthBudgetBatchSampler.median_sized(lengths, 4))  # budget 4 x 39.5
     assert [len(batch) for batch in batches] == [1, 1, 1, 3, 4]
     assert all(len(b) * lengths[b[0]] <= 4 * 39.5 or len(b) == 1 for b in batches)
     assert sorted(i for batch in batches for i in batch) == list(range(10))

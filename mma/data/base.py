@@ -121,6 +121,11 @@ class LengthBudgetBatchSampler(Sampler[list[int]]):
                 self.batches.append([])
             self.batches[-1].append(index)
 
+    @classmethod
+    def median_sized(cls, lengths: Sequence[int], batch_size: int) -> "LengthBudgetBatchSampler":
+        """Batches of ``batch_size`` samples of the median length (``lengths`` not empty): evaluation's."""
+        return cls(lengths, batch_size * statistics.median(lengths))
+
     def __iter__(self) -> Iterator[list[int]]:
         return iter(self.batches)
 
@@ -294,11 +299,10 @@ class MMADataModule(L.LightningDataModule):
         to ``eval_batch_size`` samples of the median length (``LengthBudgetBatchSampler``); otherwise
         ``eval_batch_size`` samples a batch in dataset order."""
         lengths = text_lengths(dataset) if self.group_by_length else None
-        if lengths is None:
+        if not lengths:  # not reported, or an empty set (which has no median)
             sampler = EpochSampler(len(dataset), self.seed, shuffle=False)
             return self._loader(dataset, batch_size=self.eval_batch_size, sampler=sampler)
-        budget = self.eval_batch_size * statistics.median(lengths)
-        return self._loader(dataset, batch_sampler=LengthBudgetBatchSampler(lengths, budget))
+        return self._loader(dataset, batch_sampler=LengthBudgetBatchSampler.median_sized(lengths, self.eval_batch_size))
 
     def _loader(self, dataset: Dataset, **batching: int | Sampler) -> DataLoader:
         # An own generator: creating the iterator must not draw from the global RNG (dropout's), or a resumed
